@@ -1,0 +1,1 @@
+"""Kisse configuration: environment variables parsed into typed settings."""

@@ -1,0 +1,18 @@
+"""All routes, joined from each handler module."""
+from __future__ import annotations
+
+from typing import Any
+
+from handlers import auth, calls, content, conversations, health, messages, presence, users, ws
+
+default_handlers: list[tuple[str, Any]] = [
+    *health.routes,
+    *auth.routes,
+    *users.routes,
+    *conversations.routes,
+    *messages.routes,
+    *content.routes,
+    *presence.routes,
+    *calls.routes,
+    *ws.routes,
+]

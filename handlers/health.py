@@ -1,0 +1,34 @@
+"""Liveness and readiness probes."""
+from __future__ import annotations
+
+import asyncio
+
+from handlers.base import APIHandler
+from kisse.errors import Unavailable
+
+READY_TIMEOUT = 2.0
+
+
+class HealthHandler(APIHandler):
+    """Alive: the process answers HTTP."""
+
+    auth_required = False
+
+    def get(self) -> None:
+        self.send_json({"status": "ok"})
+
+
+class ReadyHandler(APIHandler):
+    """Ready: storage answers within a couple of seconds."""
+
+    auth_required = False
+
+    async def get(self) -> None:
+        try:
+            await asyncio.wait_for(self.storage.ping(), READY_TIMEOUT)
+        except Exception:
+            raise Unavailable("storage is not answering", code="not_ready") from None
+        self.send_json({"status": "ready"})
+
+
+routes = [(r"/healthz", HealthHandler), (r"/readyz", ReadyHandler)]

@@ -1,0 +1,22 @@
+"""Presence: set your own status, read a contact's."""
+from __future__ import annotations
+
+from handlers.base import APIHandler
+from kisse import presence
+from kisse.validation import obj
+
+SET = obj({"status": {"enum": list(presence.STATUSES)}}, ("status",))
+
+
+class PresenceHandler(APIHandler):
+    async def post(self) -> None:
+        body = self.json_body(SET)
+        self.send_json({"presence": await presence.set_status(self.rt, self.user_id, body["status"])})
+
+
+class UserPresenceHandler(APIHandler):
+    async def get(self, user_id: str) -> None:
+        self.send_json({"presence": await presence.get_for(self.rt, self.user_id, user_id)})
+
+
+routes = [(r"/api/presence", PresenceHandler), (r"/api/presence/([^/]+)", UserPresenceHandler)]

@@ -1,0 +1,251 @@
+"""`/ws`: one WebSocket per device for live events, receipts, typing, presence,
+call signalling and catch-up. Each request type maps to one service call."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import tornado.websocket
+
+from handlers.base import bearer_token, render_error
+from kisse import auth, calls, messaging, presence, protocol
+from kisse.errors import KisseError
+from kisse.runtime import Runtime
+from storage.base import new_id
+
+log = logging.getLogger("kisse.ws")
+SYNC_PAGE = 200
+# How many recent (conversation, seq) pushes a connection remembers, so a
+# later `sync` does not send them again.
+PUSHED_MEMORY = 5000
+
+Action = Callable[["GatewaySocket", dict[str, Any]], Awaitable[Any]]
+
+
+class GatewaySocket(tornado.websocket.WebSocketHandler):
+    """One client device's connection."""
+
+    conn_id: str
+    user_id: str
+
+    @property
+    def rt(self) -> Runtime:
+        return self.application.settings["kisse"]
+
+    def check_origin(self, origin: str) -> bool:
+        return True  # mobile clients and tokens, not cookies: no CSRF to guard against
+
+    async def prepare(self) -> None:
+        token = self.get_query_argument("token", None) or bearer_token(self.request)
+        user, claims = await auth.authenticate(self.rt, token)
+        self.current_user = user
+        self.user_id = user["id"]
+        self.conn_id = new_id()
+        self._expires_at = float(claims["exp"])
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        render_error(self, status_code, kwargs.get("exc_info"), self.rt.storage)
+
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        if not isinstance(value, KisseError):
+            super().log_exception(typ, value, tb)
+
+    # -- lifecycle ---------------------------------------------------------
+    def open(self, *args: Any, **kwargs: Any) -> None:
+        self._unsent_bytes = 0
+        self._closing = False
+        self._syncing: list[tuple[str, dict[str, Any], str]] | None = None
+        self._pushed: dict[tuple[str, int], None] = {}
+        self.set_nodelay(True)
+        loop = asyncio.get_running_loop()
+        self._expiry = loop.call_later(max(self._expires_at - time.time(), 0), self._token_expired)
+        self.rt.hub.add(self)
+
+    def on_close(self) -> None:
+        self._closing = True
+        if hasattr(self, "_expiry"):
+            self._expiry.cancel()
+            self.rt.hub.remove(self)
+
+    def _token_expired(self) -> None:
+        self.close(protocol.CLOSE_TOKEN_EXPIRED, "token expired")
+
+    # -- outbound ------------------------------------------------------------
+    def push(self, event_type: str, data: dict[str, Any], text: str) -> None:
+        """Queue an event; drop the client if it has stopped reading."""
+        if event_type == "message.new":
+            if self._syncing is not None:
+                self._syncing.append((event_type, data, text))
+                return
+            self._remember(data)
+        self._send(text)
+
+    def _remember(self, message: dict[str, Any]) -> None:
+        self._pushed[(message["conversation_id"], message["seq"])] = None
+        if len(self._pushed) > PUSHED_MEMORY:
+            del self._pushed[next(iter(self._pushed))]
+
+    def _send(self, text: str) -> None:
+        if self._closing or self.ws_connection is None:
+            return
+        if self._unsent_bytes > self.rt.settings.ws_queue_bytes:
+            log.warning("closing slow consumer", extra={"user_id": self.user_id})
+            self._closing = True
+            self.close(protocol.CLOSE_SLOW_CONSUMER, "slow consumer")
+            return
+        size = len(text)
+        self._unsent_bytes += size
+        try:
+            future = self.write_message(text)
+        except tornado.websocket.WebSocketClosedError:
+            return
+        future.add_done_callback(lambda _: self._sent(size))
+
+    def _sent(self, size: int) -> None:
+        self._unsent_bytes -= size
+
+    def reply(self, kind: str, data: dict[str, Any], request_id: Any) -> None:
+        self._send(protocol.encode(kind, data, request_id))
+
+    # -- inbound ---------------------------------------------------------------
+    async def on_message(self, message: str | bytes) -> None:
+        request_id = None
+        try:
+            kind, request_id, data = protocol.parse(message)
+            result = await ACTIONS[kind](self, data)
+            if kind == "ping":
+                self.reply("pong", result, request_id)
+            elif request_id is not None:
+                self.reply("ack", result, request_id)
+        except protocol.FrameError as error:
+            self.reply("error", error.to_dict(), error.request_id)
+        except KisseError as error:
+            self.reply("error", error.to_dict(), request_id)
+        except Exception as error:
+            if isinstance(error, self.rt.storage.unavailable_errors):
+                self.reply("error", {"code": "storage_unavailable", "message": "storage is unavailable"},
+                           request_id)
+                return
+            log.exception("websocket request failed")
+            self.reply("error", {"code": "internal_error", "message": "internal server error"}, request_id)
+
+    async def sync(self, cursors: dict[str, int]) -> dict[str, Any]:
+        """Send every message missed since the client's cursors, then go live.
+
+        Live `message.new` events arriving meanwhile are held back and sent
+        after the catch-up, minus any the catch-up already sent, so the seam
+        has no gap and no duplicate.
+        """
+        self._syncing = []
+        sent: set[tuple[str, int]] = set()
+        storage = self.rt.storage
+        try:
+            for conversation in await storage.list_conversations(self.user_id, limit=100_000):
+                conversation_id = conversation["id"]
+                after = cursors.get(conversation_id)
+                if after is None:
+                    receipt = (await storage.get_receipts(conversation_id)).get(self.user_id)
+                    after = receipt["delivered_seq"] if receipt else 0
+                while after < conversation["last_seq"]:
+                    page, more = await storage.list_messages(conversation_id, after=after, limit=SYNC_PAGE)
+                    for record in page:
+                        key = (conversation_id, record["seq"])
+                        if key not in self._pushed:
+                            await self._send_now("message.new", messaging.message_view(record))
+                        sent.add(key)
+                    if not page or not more:
+                        break
+                    after = page[-1]["seq"]
+        finally:
+            held, self._syncing = self._syncing, None
+            for event_type, data, text in held:
+                if (data["conversation_id"], data["seq"]) not in sent:
+                    self.push(event_type, data, text)
+            self._pushed.clear()
+        return {"messages": len(sent)}
+
+    async def _send_now(self, kind: str, data: dict[str, Any]) -> None:
+        """Write and wait for the socket: catch-up is paced by the client's reading."""
+        if not self._closing:
+            await self.write_message(protocol.encode(kind, data))
+
+
+async def _ping(socket: GatewaySocket, data: dict[str, Any]) -> dict[str, Any]:
+    return {"time": time.time()}
+
+
+async def _sync(socket: GatewaySocket, data: dict[str, Any]) -> dict[str, Any]:
+    return await socket.sync(data.get("cursors", {}))
+
+
+async def _send(socket: GatewaySocket, data: dict[str, Any]) -> dict[str, Any]:
+    view, created = await messaging.send_message(
+        socket.rt, socket.user_id, data["conversation_id"], data["client_message_id"],
+        data.get("ciphertext"), origin_conn=socket.conn_id)
+    return {"message": view, "created": created}
+
+
+def _signal(kind: str) -> Action:
+    async def action(socket: GatewaySocket, data: dict[str, Any]) -> Any:
+        return await calls.relay(socket.rt, socket.user_id, socket.conn_id, data["call_id"], kind, data["payload"])
+    return action
+
+
+async def _hangup(socket: GatewaySocket, data: dict[str, Any]) -> Any:
+    if "payload" in data:  # a last word for the peer (e.g. a reason), sent while the call is live
+        await calls.relay(socket.rt, socket.user_id, socket.conn_id, data["call_id"], "call.hangup", data["payload"])
+    return {"call": await calls.hang_up(socket.rt, socket.user_id, data["call_id"])}
+
+
+async def _typing(socket: GatewaySocket, data: dict[str, Any], start: bool) -> Any:
+    tracker = socket.rt.typing
+    if start:
+        return await tracker.start(socket.user_id, socket.conn_id, data["conversation_id"])
+    return await tracker.stop(socket.user_id, data["conversation_id"])
+
+
+def _call_action(fn: Callable[..., Awaitable[dict[str, Any]]], with_conn: bool = False) -> Action:
+    async def action(socket: GatewaySocket, data: dict[str, Any]) -> Any:
+        extra = {"origin_conn": socket.conn_id} if with_conn else {}
+        return {"call": await fn(socket.rt, socket.user_id, data["call_id"], **extra)}
+    return action
+
+
+async def _call_start(socket: GatewaySocket, data: dict[str, Any]) -> Any:
+    return {"call": await calls.start_call(socket.rt, socket.user_id, data["callee_id"], data["media"],
+                                           origin_conn=socket.conn_id)}
+
+
+async def _presence(socket: GatewaySocket, data: dict[str, Any]) -> Any:
+    return {"presence": await presence.set_status(socket.rt, socket.user_id, data["status"])}
+
+
+async def _receipt(socket: GatewaySocket, data: dict[str, Any], kind: str) -> Any:
+    return {"receipt": await messaging.mark(socket.rt, socket.user_id, data["message_id"], kind)}
+
+
+ACTIONS: dict[str, Action] = {
+    "ping": _ping,
+    "sync": _sync,
+    "message.send": _send,
+    "message.delivered": lambda s, d: _receipt(s, d, "delivered"),
+    "message.read": lambda s, d: _receipt(s, d, "read"),
+    "typing.start": lambda s, d: _typing(s, d, True),
+    "typing.stop": lambda s, d: _typing(s, d, False),
+    "presence.set": _presence,
+    "call.start": _call_start,
+    "call.accept": _call_action(calls.accept, with_conn=True),
+    "call.reject": _call_action(calls.reject),
+    "call.cancel": _call_action(calls.cancel),
+    "call.end": _call_action(calls.end),
+    "call.offer": _signal("call.offer"),
+    "call.answer": _signal("call.answer"),
+    "call.ice": _signal("call.ice"),
+    "call.hangup": _hangup,
+}
+assert set(ACTIONS) == set(protocol.REQUESTS), "every request type needs an action"
+
+routes = [(r"/ws", GatewaySocket)]

@@ -1,0 +1,70 @@
+"""`python -m kisse`: serve Kisse. Options come from KISSE_* variables or flags."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+import tornado.httpserver
+
+from config.settings import OPTIONS, Settings, SettingsError
+from kisse.app import make_app, shutdown, startup
+from kisse.logs import setup_logging
+from storage import create_storage
+
+log = logging.getLogger("kisse")
+
+
+def parse_args(argv: list[str]) -> dict[str, str]:
+    """Flags mirror the KISSE_* variables; a flag wins over the variable."""
+    parser = argparse.ArgumentParser(
+        prog="python -m kisse",
+        description="Kisse: a zero-knowledge gateway for end-to-end-encrypted messaging. "
+                    "Every option can also be set by its environment variable.")
+    for option in OPTIONS:
+        flag = "--" + option.field.replace("_", "-")
+        default = ",".join(option.default) if isinstance(option.default, tuple) else option.default
+        parser.add_argument(flag, dest=option.env, metavar=option.env,
+                            help=f"{option.help} (env {option.env}, default {default!r})")
+    args = parser.parse_args(argv)
+    return {k: v for k, v in vars(args).items() if v is not None}
+
+
+async def serve(settings: Settings) -> None:
+    storage = create_storage(settings.storage)
+    app = make_app(settings, storage)
+    await startup(app)
+    server = tornado.httpserver.HTTPServer(app, xheaders=True, max_body_size=settings.max_body + 65536)
+    server.listen(settings.port, settings.host)
+    log.info("kisse listening", extra={"host": settings.host, "port": settings.port,
+                                       "storage": settings.storage.split("://")[0]})
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    server.stop()  # stop accepting; open connections finish below
+    await shutdown(app)
+    await asyncio.wait_for(server.close_all_connections(), 5)
+
+
+def main(argv: list[str] | None = None) -> int:
+    overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        settings = Settings.from_env({**os.environ, **overrides})
+    except SettingsError as error:
+        print(f"kisse: configuration error: {error}", file=sys.stderr)
+        return 2
+    setup_logging(settings.log_level)
+    if settings.jwt_secret_generated:
+        log.warning("KISSE_JWT_SECRET is not set: using a random secret, tokens won't survive a restart")
+    asyncio.run(serve(settings))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""`make_app(settings, storage)`: the Tornado application, plus start-up and shutdown."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import tornado.web
+
+from config.settings import Settings
+from handlers import default_handlers
+from handlers.base import NotFoundHandler
+from kisse.calls import CallTimers
+from kisse.presence import PresenceTracker
+from kisse.protocol import CLOSE_GOING_AWAY
+from kisse.runtime import Runtime
+from kisse.typing_status import TypingTracker
+from storage.base import Storage
+
+access_log = logging.getLogger("kisse.access")
+
+
+def log_request(handler: tornado.web.RequestHandler) -> None:
+    """Access log without the query string: `/ws?token=…` must never reach a log."""
+    request = handler.request
+    status = handler.get_status()
+    level = logging.INFO if status < 500 else logging.ERROR
+    access_log.log(level, "%s %s %d %.1fms", request.method, request.path, status,
+                   1000.0 * request.request_time(),
+                   extra={"method": request.method, "path": request.path, "status": status})
+
+
+def make_app(settings: Settings, storage: Storage) -> tornado.web.Application:
+    """Build the application; `await startup(app)` before serving."""
+    rt = Runtime(settings=settings, storage=storage)
+    rt.presence = PresenceTracker(rt)
+    rt.typing = TypingTracker(rt)
+    rt.calls = CallTimers(rt)
+    return tornado.web.Application(
+        default_handlers,
+        kisse=rt,
+        default_handler_class=NotFoundHandler,
+        log_function=log_request,
+        # Tornado pings every interval and drops a peer whose pong is a full
+        # interval late: a silent client is gone within two intervals.
+        websocket_ping_interval=settings.ws_ping,
+        websocket_ping_timeout=settings.ws_ping,
+        websocket_max_message_size=settings.max_ws_frame,
+    )
+
+
+def runtime(app: tornado.web.Application) -> Runtime:
+    return app.settings["kisse"]
+
+
+async def startup(app: tornado.web.Application) -> None:
+    """Prepare storage (migrations, indexes) and start the call sweeper."""
+    rt = runtime(app)
+    await rt.storage.start()
+    rt.calls.start()
+
+
+async def shutdown(app: tornado.web.Application, grace: float = 10.0) -> None:
+    """Close WebSockets with 1001, let in-flight requests finish, close storage."""
+    rt = runtime(app)
+    rt.hub.close_all(CLOSE_GOING_AWAY, "server shutting down")
+    deadline = time.monotonic() + grace
+    while rt.inflight and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    rt.calls.stop()
+    rt.presence.close()
+    rt.typing.close()
+    await rt.storage.close()

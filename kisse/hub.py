@@ -1,0 +1,83 @@
+"""The hub owns live WebSocket connections and fans events out to them.
+
+It knows users and their connections (several devices each) and nothing
+about what events mean; services decide who hears what. An event is encoded
+once and the same text is written to every connection.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
+
+
+class Connection(Protocol):
+    conn_id: str
+    user_id: str
+
+    def push(self, event_type: str, data: dict[str, Any], text: str) -> None:
+        """Queue an already-encoded event frame (`text`) for this client."""
+
+    def close(self, code: int | None = None, reason: str | None = None) -> None: ...
+
+
+def encode_event(event_type: str, data: dict[str, Any]) -> str:
+    return json.dumps({"type": event_type, "data": data}, separators=(",", ":"))
+
+
+class Hub:
+    """Live connections by user, and fan-out to them."""
+
+    def __init__(self) -> None:
+        self._by_user: dict[str, dict[str, Connection]] = {}
+        # Called with a user id when their first connection opens / last one closes.
+        self.on_first_connection: list[Callable[[str], Any]] = []
+        self.on_last_disconnection: list[Callable[[str], Any]] = []
+        self.on_connection_closed: list[Callable[[Connection], Any]] = []
+
+    def add(self, connection: Connection) -> None:
+        devices = self._by_user.setdefault(connection.user_id, {})
+        devices[connection.conn_id] = connection
+        if len(devices) == 1:
+            for listener in self.on_first_connection:
+                listener(connection.user_id)
+
+    def remove(self, connection: Connection) -> None:
+        devices = self._by_user.get(connection.user_id)
+        if not devices or devices.pop(connection.conn_id, None) is None:
+            return
+        for listener in self.on_connection_closed:
+            listener(connection)
+        if not devices:
+            del self._by_user[connection.user_id]
+            for listener in self.on_last_disconnection:
+                listener(connection.user_id)
+
+    def is_connected(self, user_id: str) -> bool:
+        return user_id in self._by_user
+
+    def connections(self, user_id: str) -> list[Connection]:
+        return list(self._by_user.get(user_id, {}).values())
+
+    def get(self, user_id: str, conn_id: str) -> Connection | None:
+        return self._by_user.get(user_id, {}).get(conn_id)
+
+    def count(self) -> int:
+        return sum(len(devices) for devices in self._by_user.values())
+
+    def publish(self, user_ids: Iterable[str], event_type: str, data: dict[str, Any],
+                exclude_conn: str | None = None) -> int:
+        """Send an event to every connection of `user_ids` (but `exclude_conn`)."""
+        text = encode_event(event_type, data)
+        sent = 0
+        for user_id in dict.fromkeys(user_ids):
+            for connection in list(self._by_user.get(user_id, {}).values()):
+                if connection.conn_id != exclude_conn:
+                    connection.push(event_type, data, text)
+                    sent += 1
+        return sent
+
+    def close_all(self, code: int, reason: str) -> None:
+        for devices in list(self._by_user.values()):
+            for connection in list(devices.values()):
+                connection.close(code, reason)

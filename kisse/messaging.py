@@ -1,0 +1,178 @@
+"""Users, conversations, messages and receipts: one function per action,
+shared by the REST handlers and the WebSocket."""
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+from datetime import datetime
+from typing import Any
+
+from kisse import presence
+from kisse.errors import BadRequest, Conflict, NotFound
+from kisse.runtime import Runtime
+from kisse.views import iso, message_view, page_cursor, user_view
+from storage.base import Record, ReceiptKind
+
+HISTORY_DEFAULT, HISTORY_MAX = 50, 200
+
+
+# -- users --------------------------------------------------------------------
+async def search_users(rt: Runtime, query: str, limit: int, after: str | None) -> dict[str, Any]:
+    users = await rt.storage.search_users(query.lower(), limit + 1, after.lower() if after else None)
+    page = users[:limit]
+    return {"users": [user_view(u) for u in page],
+            "next_after": page[-1]["username"].lower() if len(users) > limit else None}
+
+
+async def get_user(rt: Runtime, user_id: str) -> dict[str, Any]:
+    user = await rt.storage.get_user(user_id)
+    if user is None:
+        raise NotFound("no such user", code="user_not_found")
+    return user_view(user)
+
+
+# -- conversations --------------------------------------------------------------
+async def member_conversation(rt: Runtime, user_id: str, conversation_id: str) -> Record:
+    """The conversation if `user_id` belongs to it; 404 alike for absent and foreign ones."""
+    conversation = await rt.storage.get_conversation(conversation_id)
+    if conversation is None or user_id not in conversation["participant_ids"]:
+        raise NotFound("no such conversation", code="conversation_not_found")
+    return conversation
+
+
+async def create_conversation(rt: Runtime, user_id: str, participant_ids: list[str],
+                              title: str | None) -> tuple[dict[str, Any], bool]:
+    """A direct conversation (two people, unique per pair) or a group."""
+    members = list(dict.fromkeys([user_id, *participant_ids]))
+    if len(members) < 2:
+        raise BadRequest("a conversation needs at least one other participant", code="too_few_participants")
+    if len(members) > rt.settings.max_group_members:
+        raise BadRequest(f"a conversation has at most {rt.settings.max_group_members} members",
+                         code="too_many_participants")
+    found = {u["id"] for u in await rt.storage.get_users(members)}
+    unknown = [m for m in members if m not in found]
+    if unknown:
+        raise BadRequest(f"unknown participant ids: {', '.join(unknown)}", code="unknown_participants",
+                         details={"participant_ids": unknown})
+    if len(members) == 2:
+        conversation, created = await rt.storage.get_or_create_direct(members[0], members[1])
+    else:
+        conversation, created = await rt.storage.create_group(user_id, members, title), True
+    if created:
+        view = await conversation_view(rt, conversation, user_id)
+        rt.hub.publish(members, "conversation.new", view)
+        return view, True
+    return await conversation_view(rt, conversation, user_id), False
+
+
+async def conversation_view(rt: Runtime, conversation: Record, viewer_id: str) -> dict[str, Any]:
+    """A conversation as `viewer_id` sees it: participants with presence, last message, unread."""
+    users = {u["id"]: u for u in await rt.storage.get_users(conversation["participant_ids"])}
+    participants = []
+    for member_id in conversation["participant_ids"]:
+        user = users.get(member_id)
+        if user is None:
+            continue
+        participants.append({"id": user["id"], "username": user["username"],
+                             "display_name": user["display_name"],
+                             "presence": await presence.effective(rt, member_id)})
+    receipt = (await rt.storage.get_receipts(conversation["id"])).get(viewer_id)
+    read_seq = receipt["read_seq"] if receipt else 0
+    unread = (await rt.storage.count_unread(conversation["id"], viewer_id, read_seq)
+              if conversation["last_seq"] > read_seq else 0)
+    last = conversation["last_message"]
+    return {"id": conversation["id"], "kind": conversation["kind"], "title": conversation["title"],
+            "created_by": conversation["created_by"], "created_at": iso(conversation["created_at"]),
+            "last_activity_at": iso(conversation["last_activity_at"]),
+            "last_seq": conversation["last_seq"], "participants": participants,
+            "last_message": message_view(last) if last else None, "unread_count": unread}
+
+
+async def list_conversations(rt: Runtime, user_id: str, limit: int,
+                             before: tuple[datetime, str] | None) -> dict[str, Any]:
+    conversations = await rt.storage.list_conversations(user_id, limit + 1, before)
+    page = conversations[:limit]
+    cursor = page_cursor(page[-1]["last_activity_at"], page[-1]["id"]) if len(conversations) > limit else None
+    return {"conversations": [await conversation_view(rt, c, user_id) for c in page], "next_before": cursor}
+
+
+# -- messages -----------------------------------------------------------------
+def decode_ciphertext(rt: Runtime, encoded: str | None) -> bytes | None:
+    if encoded is None:
+        return None
+    try:
+        data = base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRequest("ciphertext must be standard base64", code="invalid_ciphertext") from None
+    if len(data) > rt.settings.max_inline_ciphertext:
+        raise BadRequest(f"inline ciphertext is over {rt.settings.max_inline_ciphertext} bytes; "
+                         "upload it to /api/messages/{id}/content instead", code="ciphertext_too_large")
+    return data
+
+
+async def send_message(rt: Runtime, user_id: str, conversation_id: str, client_message_id: str,
+                       ciphertext: str | None, origin_conn: str | None = None) -> tuple[dict[str, Any], bool]:
+    """Store a message (or find the one already sent with this client id) and push it live.
+
+    Returns `(message, created)`. The new message goes to every member's
+    connections but the one it came from.
+    """
+    data = decode_ciphertext(rt, ciphertext)
+    conversation = await member_conversation(rt, user_id, conversation_id)
+    content = ({"size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "inline": True}
+               if data is not None else None)
+    message, created = await rt.storage.add_message(conversation_id, user_id, client_message_id, data, content)
+    if message["conversation_id"] != conversation_id:
+        raise Conflict("client_message_id was already used in another conversation",
+                       code="client_message_id_reused")
+    view = message_view(message)
+    if created:
+        rt.hub.publish(conversation["participant_ids"], "message.new", view, exclude_conn=origin_conn)
+    return view, created
+
+
+async def member_message(rt: Runtime, user_id: str, message_id: str) -> tuple[Record, Record]:
+    """`(message, conversation)` if the user is a member; 404 alike otherwise."""
+    message = await rt.storage.get_message(message_id)
+    if message is not None:
+        conversation = await rt.storage.get_conversation(message["conversation_id"])
+        if conversation is not None and user_id in conversation["participant_ids"]:
+            return message, conversation
+    raise NotFound("no such message", code="message_not_found")
+
+
+async def history(rt: Runtime, user_id: str, conversation_id: str, before: int | None,
+                  after: int | None, limit: int) -> dict[str, Any]:
+    if before is not None and after is not None:
+        raise BadRequest("give before or after, not both", code="invalid_query")
+    await member_conversation(rt, user_id, conversation_id)
+    messages, more = await rt.storage.list_messages(conversation_id, before=before, after=after, limit=limit)
+    return {"messages": [message_view(m) for m in messages], "has_more": more}
+
+
+# -- receipts -------------------------------------------------------------------
+async def mark(rt: Runtime, user_id: str, message_id: str, kind: ReceiptKind) -> dict[str, Any]:
+    """Move the caller's delivered/read cursor up to this message; tell the members live."""
+    message, conversation = await member_message(rt, user_id, message_id)
+    before = (await rt.storage.get_receipts(conversation["id"])).get(user_id)
+    receipt = await rt.storage.advance_receipt(conversation["id"], user_id, kind, message["seq"])
+    event = {"conversation_id": conversation["id"], **receipt}
+    if before is None or (before["delivered_seq"], before["read_seq"]) != (
+            receipt["delivered_seq"], receipt["read_seq"]):
+        rt.hub.publish(conversation["participant_ids"], "message.receipt", event)
+    return event
+
+
+async def message_receipts(rt: Runtime, user_id: str, message_id: str) -> dict[str, Any]:
+    """Per member (but the sender): has this message been delivered, read?"""
+    message, conversation = await member_message(rt, user_id, message_id)
+    cursors = await rt.storage.get_receipts(conversation["id"])
+    members = []
+    for member_id in conversation["participant_ids"]:
+        if member_id == message["sender_id"]:
+            continue
+        cursor = cursors.get(member_id, {"delivered_seq": 0, "read_seq": 0})
+        members.append({"user_id": member_id, "delivered": cursor["delivered_seq"] >= message["seq"],
+                        "read": cursor["read_seq"] >= message["seq"]})
+    return {"message_id": message_id, "seq": message["seq"], "recipients": members}

@@ -1,0 +1,109 @@
+"""Presence: online, away, busy, offline (invisible), and last_seen.
+
+A user's *chosen* status is stored (it survives reconnects); whether they are
+*connected* is known to this process's hub. What others see:
+
+- connected (or disconnected for less than the grace period) → the chosen
+  status, except "offline" (invisible), which shows as offline;
+- otherwise → offline, with `last_seen`.
+
+Only people who share a conversation with a user see their presence.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from kisse.errors import NotFound
+from kisse.runtime import Runtime
+from kisse.views import presence_view
+from storage.base import utcnow
+
+STATUSES = ("online", "away", "busy", "offline")
+log = logging.getLogger("kisse.presence")
+
+
+class PresenceTracker:
+    """Turns hub connect/disconnect into presence changes, with a grace period."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self._lingering: dict[str, asyncio.TimerHandle] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        rt.hub.on_first_connection.append(self._connected)
+        rt.hub.on_last_disconnection.append(self._disconnected)
+
+    def is_present(self, user_id: str) -> bool:
+        return self.rt.hub.is_connected(user_id) or user_id in self._lingering
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _connected(self, user_id: str) -> None:
+        timer = self._lingering.pop(user_id, None)
+        if timer is not None:
+            timer.cancel()  # back within the grace period: nobody saw them leave
+            return
+        self._spawn(self._announce(user_id, came_online=True))
+
+    def _disconnected(self, user_id: str) -> None:
+        loop = asyncio.get_running_loop()
+        self._lingering[user_id] = loop.call_later(
+            self.rt.settings.presence_grace, self._grace_over, user_id)
+
+    def _grace_over(self, user_id: str) -> None:
+        if self._lingering.pop(user_id, None) is not None and not self.rt.hub.is_connected(user_id):
+            self._spawn(self._announce(user_id, came_online=False))
+
+    async def _announce(self, user_id: str, came_online: bool) -> None:
+        try:
+            record = await self.rt.storage.get_presence(user_id)
+            invisible = record is not None and record["status"] == "offline"
+            if not invisible:
+                record = await self.rt.storage.set_presence(user_id, last_seen=utcnow())
+            if invisible:
+                return  # contacts already see an invisible user as offline
+            await publish(self.rt, user_id, await effective(self.rt, user_id, record))
+        except Exception:  # a storage hiccup must not break the connection handling
+            log.exception("presence update failed")
+
+    def close(self) -> None:
+        for timer in self._lingering.values():
+            timer.cancel()
+        self._lingering.clear()
+
+
+async def effective(rt: Runtime, user_id: str, record: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The presence others see for `user_id`."""
+    if record is None:
+        record = await rt.storage.get_presence(user_id)
+    chosen = record["status"] if record else "online"
+    last_seen = record["last_seen"] if record else None
+    status = chosen if rt.presence.is_present(user_id) else "offline"
+    return presence_view(user_id, status, last_seen)
+
+
+async def publish(rt: Runtime, user_id: str, view: dict[str, Any]) -> None:
+    """Tell the user's contacts (and the user's own devices) about a presence change."""
+    contacts = await rt.storage.contact_ids(user_id)
+    rt.hub.publish([user_id, *contacts], "presence", view)
+
+
+async def set_status(rt: Runtime, user_id: str, status: str) -> dict[str, Any]:
+    """Store the chosen status; contacts hear the change if it shows."""
+    before = await effective(rt, user_id)
+    record = await rt.storage.set_presence(user_id, status=status)
+    view = await effective(rt, user_id, record)
+    if view["status"] != before["status"]:
+        await publish(rt, user_id, view)
+    return {**view, "chosen_status": status}
+
+
+async def get_for(rt: Runtime, viewer_id: str, user_id: str) -> dict[str, Any]:
+    """A user's presence, for the user themself or someone sharing a conversation."""
+    if viewer_id != user_id and viewer_id not in await rt.storage.contact_ids(user_id):
+        raise NotFound("no such user", code="user_not_found")
+    return await effective(rt, user_id)

@@ -1,0 +1,34 @@
+"""The running server's shared parts, handed to every service function."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from config.settings import Settings
+from kisse.hub import Hub
+from storage.base import Storage
+
+if TYPE_CHECKING:
+    from kisse.calls import CallTimers
+    from kisse.presence import PresenceTracker
+    from kisse.typing_status import TypingTracker
+
+
+@dataclass
+class Runtime:
+    """Settings, storage, the live-connection hub, presence, typing and call timers.
+
+    `presence`, `typing` and `calls` are attached by `make_app` once the runtime exists,
+    since both need it.
+    """
+
+    settings: Settings
+    storage: Storage
+    hub: Hub = field(default_factory=Hub)
+    presence: "PresenceTracker" = field(init=False)
+    calls: "CallTimers" = field(init=False)
+    typing: "TypingTracker" = field(init=False)
+    # REST requests being served now; shutdown waits for them.
+    inflight: int = 0
+    # bcrypt hash of a random password, verified for unknown users at login.
+    dummy_hash: str | None = None

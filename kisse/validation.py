@@ -1,0 +1,37 @@
+"""JSON-schema validation of request data (REST bodies and WS frame data alike)."""
+from __future__ import annotations
+
+from typing import Any
+
+from jsonschema import Draft202012Validator
+
+from kisse.errors import BadRequest
+
+Schema = dict[str, Any]
+_validators: dict[int, Draft202012Validator] = {}
+
+
+def obj(properties: dict[str, Any], required: tuple[str, ...] = ()) -> Schema:
+    """An object schema that refuses unknown properties."""
+    return {"type": "object", "properties": properties, "required": list(required),
+            "additionalProperties": False}
+
+
+ID = {"type": "string", "minLength": 1, "maxLength": 64}
+
+
+def validate(document: Any, schema: Schema) -> Any:
+    """Return `document` if it matches `schema`; else raise a 400 that names the fields."""
+    validator = _validators.get(id(schema))
+    if validator is None:
+        validator = _validators[id(schema)] = Draft202012Validator(schema)
+    errors = list(validator.iter_errors(document))
+    if not errors:
+        return document
+    missing = sorted(e.message.split("'")[1] for e in errors if e.validator == "required")
+    if missing:
+        raise BadRequest(f"missing fields: {', '.join(missing)}", code="missing_fields",
+                         details={"fields": missing})
+    error = min(errors, key=lambda e: len(e.absolute_path))
+    where = ".".join(str(p) for p in error.absolute_path) or "body"
+    raise BadRequest(f"{where}: {error.message}", code="invalid_field", details={"field": where})

@@ -1,0 +1,240 @@
+"""The `Storage` interface every backend implements, and the records it speaks.
+
+Records are plain dicts with string ids and timezone-aware UTC datetimes
+(millisecond precision, so every backend round-trips them identically).
+Callers own what they get back: backends never hand out their internal state.
+"""
+from __future__ import annotations
+
+import secrets
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+Record = dict[str, Any]
+ReceiptKind = Literal["delivered", "read"]
+
+# Call statuses; the first two are "live", the rest are final.
+LIVE_CALL_STATUSES = ("pending", "accepted")
+FINAL_CALL_STATUSES = ("rejected", "busy", "ended", "missed")
+
+
+class StorageError(Exception):
+    """Base of the errors a backend raises on purpose."""
+
+
+class UsernameTaken(StorageError):
+    """The username exists already (compared case-insensitively)."""
+
+
+class BlobTooLarge(StorageError):
+    """A blob upload went past its size limit; nothing of it was kept."""
+
+
+class BlobNotFound(StorageError):
+    """No blob with that id."""
+
+
+class StorageUnavailable(StorageError):
+    """The backend cannot be reached right now; retry later (HTTP 503)."""
+
+
+def new_id() -> str:
+    """A fresh opaque id: 24 hex characters, like a MongoDB ObjectId."""
+    return secrets.token_hex(12)
+
+
+def utcnow() -> datetime:
+    """Now in UTC, truncated to milliseconds (MongoDB's date precision)."""
+    now = datetime.now(timezone.utc)
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
+
+
+class BlobWriter(ABC):
+    """An upload in progress: feed chunks, then `finish()` or `abort()`.
+
+    The writer counts bytes and computes the sha256 as chunks arrive; when
+    the total passes `max_size` it discards what it wrote and raises
+    `BlobTooLarge`, so a refused upload leaves nothing behind.
+    """
+
+    blob_id: str
+
+    @abstractmethod
+    async def write(self, chunk: bytes) -> None: ...
+
+    @abstractmethod
+    async def finish(self) -> tuple[int, str]:
+        """Seal the blob; return `(size, sha256_hex)`."""
+
+    @abstractmethod
+    async def abort(self) -> None:
+        """Drop everything written so far (safe to call more than once)."""
+
+
+class Storage(ABC):
+    """Async persistence for Kisse. Each method is one atomic step."""
+
+    # Exceptions that mean "backend unreachable": the API answers them with 503.
+    unavailable_errors: tuple[type[BaseException], ...] = (StorageUnavailable,)
+
+    # -- lifecycle -----------------------------------------------------------
+    async def start(self) -> None:
+        """Prepare the backend (migrations, indexes). Default: nothing to do."""
+
+    @abstractmethod
+    async def ping(self) -> None:
+        """Return if the backend answers; raise `StorageUnavailable` otherwise."""
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+    # -- users ---------------------------------------------------------------
+    @abstractmethod
+    async def create_user(self, username: str, password_hash: str, display_name: str) -> Record:
+        """Create `{id, username, display_name, created_at}`; raise `UsernameTaken`."""
+
+    @abstractmethod
+    async def get_user(self, user_id: str) -> Record | None: ...
+
+    @abstractmethod
+    async def get_users(self, user_ids: list[str]) -> list[Record]:
+        """The users that exist among `user_ids`, in any order."""
+
+    @abstractmethod
+    async def get_credentials(self, username: str) -> tuple[Record, str] | None:
+        """`(user, password_hash)` for a username, matched case-insensitively."""
+
+    @abstractmethod
+    async def search_users(self, prefix: str, limit: int, after: str | None = None) -> list[Record]:
+        """Users whose lower-cased username starts with `prefix` (lower-case),
+        ordered by lower-cased username, strictly after `after` when given."""
+
+    # -- conversations -------------------------------------------------------
+    @abstractmethod
+    async def get_or_create_direct(self, user_a: str, user_b: str) -> tuple[Record, bool]:
+        """The one direct conversation of a pair, created if needed: `(conv, created)`."""
+
+    @abstractmethod
+    async def create_group(self, creator_id: str, participant_ids: list[str], title: str | None) -> Record:
+        """A new group conversation; `participant_ids` includes the creator."""
+
+    @abstractmethod
+    async def get_conversation(self, conversation_id: str) -> Record | None:
+        """`{id, kind, participant_ids, title, created_by, created_at,
+        last_activity_at, last_seq, last_message}`."""
+
+    @abstractmethod
+    async def list_conversations(self, user_id: str, limit: int,
+                                 before: tuple[datetime, str] | None = None) -> list[Record]:
+        """A member's conversations, most recent activity first (ties by id,
+        descending); `before` is the `(last_activity_at, id)` of the previous page's last."""
+
+    @abstractmethod
+    async def contact_ids(self, user_id: str) -> set[str]:
+        """Everyone who shares at least one conversation with the user (not the user)."""
+
+    # -- messages ------------------------------------------------------------
+    @abstractmethod
+    async def add_message(self, conversation_id: str, sender_id: str, client_message_id: str,
+                          ciphertext: bytes | None, content: Record | None) -> tuple[Record, bool]:
+        """Append a message with the next `seq` of its conversation, or return the
+        sender's existing message with that `client_message_id`: `(message, created)`.
+
+        A message is `{id, conversation_id, sender_id, seq, client_message_id,
+        created_at, content: {size, sha256, inline} | None, ciphertext: bytes | None,
+        blob_id: str | None}`. Creating one also updates the conversation's
+        `last_seq`, `last_message` and `last_activity_at`.
+        """
+
+    @abstractmethod
+    async def get_message(self, message_id: str) -> Record | None: ...
+
+    @abstractmethod
+    async def list_messages(self, conversation_id: str, *, before: int | None = None,
+                            after: int | None = None, limit: int = 50) -> tuple[list[Record], bool]:
+        """A page in ascending `seq` and whether more exist past it.
+
+        `after=N`: the first `limit` messages with seq > N (more = later ones exist).
+        Otherwise the last `limit` messages with seq < `before` (or the newest),
+        more = earlier ones exist.
+        """
+
+    @abstractmethod
+    async def attach_content(self, message_id: str, blob_id: str, size: int, sha256: str) -> Record:
+        """Give a content-less message its blob (compare-and-set) and return the
+        message as stored afterwards: if it already had content, that content is
+        unchanged and the caller compares to see whether it won."""
+
+    @abstractmethod
+    async def count_unread(self, conversation_id: str, user_id: str, after_seq: int) -> int:
+        """Messages with seq > `after_seq` sent by someone other than `user_id`."""
+
+    # -- receipts ------------------------------------------------------------
+    @abstractmethod
+    async def advance_receipt(self, conversation_id: str, user_id: str, kind: ReceiptKind,
+                              seq: int) -> Record:
+        """Move a member's cursor forward (never back); read also moves delivered.
+        Return `{user_id, delivered_seq, read_seq}` as stored afterwards."""
+
+    @abstractmethod
+    async def get_receipts(self, conversation_id: str) -> dict[str, Record]:
+        """Every member's cursors that exist, keyed by user id."""
+
+    # -- blobs ---------------------------------------------------------------
+    @abstractmethod
+    async def open_blob_writer(self, max_size: int) -> BlobWriter: ...
+
+    @abstractmethod
+    def read_blob(self, blob_id: str, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+        """Stream bytes `[start, end)` of a blob in chunks; raise `BlobNotFound`."""
+
+    @abstractmethod
+    async def delete_blob(self, blob_id: str) -> None:
+        """Remove a blob; no error if it is already gone."""
+
+    # -- presence ------------------------------------------------------------
+    @abstractmethod
+    async def get_presence(self, user_id: str) -> Record | None:
+        """`{user_id, status, last_seen}` as last stored, or None."""
+
+    @abstractmethod
+    async def set_presence(self, user_id: str, *, status: str | None = None,
+                           last_seen: datetime | None = None) -> Record:
+        """Update the chosen status and/or last_seen; return the stored record.
+        A new record starts with status "online" and last_seen None."""
+
+    # -- calls ---------------------------------------------------------------
+    @abstractmethod
+    async def create_call(self, caller_id: str, callee_id: str, media: str,
+                          ring_deadline: datetime) -> Record:
+        """Record a call: `pending`, or `busy` (already final) when the callee is in
+        a pending or accepted call. The check and insert are one atomic step.
+
+        A call is `{id, caller_id, callee_id, media, status, created_at,
+        ring_deadline, answered_at, ended_at, end_reason, ended_by}`.
+        """
+
+    @abstractmethod
+    async def get_call(self, call_id: str) -> Record | None: ...
+
+    @abstractmethod
+    async def transition_call(self, call_id: str, from_statuses: tuple[str, ...], to_status: str,
+                              fields: Record) -> Record | None:
+        """Compare-and-set: if the call's status is in `from_statuses`, set
+        `to_status` and `fields` and return the updated call; otherwise None."""
+
+    @abstractmethod
+    async def list_active_calls(self, user_id: str) -> list[Record]:
+        """The user's pending and accepted calls, newest first."""
+
+    @abstractmethod
+    async def list_call_history(self, user_id: str, limit: int,
+                                before: tuple[datetime, str] | None = None) -> list[Record]:
+        """The user's final calls (either side), newest `created_at` first, ties by
+        id descending; `before` is the previous page's last `(created_at, id)`."""
+
+    @abstractmethod
+    async def due_pending_calls(self, now: datetime) -> list[Record]:
+        """Pending calls whose `ring_deadline` is at or before `now`."""

@@ -1,0 +1,333 @@
+"""The in-memory backend: the default for local use and tests.
+
+Every method runs to completion without awaiting, so on one event loop each
+call is atomic; that is what makes seq allocation, idempotent sends and call
+compare-and-set safe under concurrent coroutines without locks. Records are
+copied on the way in and out so callers never alias the backend's state.
+"""
+from __future__ import annotations
+
+import bisect
+import hashlib
+from collections.abc import AsyncIterator
+from datetime import datetime
+from typing import Any
+
+from storage.base import (
+    FINAL_CALL_STATUSES, LIVE_CALL_STATUSES, BlobNotFound, BlobTooLarge, BlobWriter, Record,
+    ReceiptKind, Storage, UsernameTaken, new_id, utcnow,
+)
+
+# Blobs are kept as a list of chunks of this size, like GridFS, so a range
+# read touches only the chunks it needs.
+BLOB_CHUNK_SIZE = 255 * 1024
+
+
+def _copy(record: Record) -> Record:
+    """Copy a record and its nested dicts/lists (records are at most two deep)."""
+    out: Record = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            value = _copy(value)
+        elif isinstance(value, list):
+            value = list(value)
+        out[key] = value
+    return out
+
+
+def _public_user(user: Record) -> Record:
+    return {k: user[k] for k in ("id", "username", "display_name", "created_at")}
+
+
+class MemoryBlobWriter(BlobWriter):
+    def __init__(self, store: "MemoryStorage", max_size: int) -> None:
+        self.blob_id = new_id()
+        self._store = store
+        self._max_size = max_size
+        self._chunks: list[bytes] = []
+        self._pending = bytearray()
+        self._size = 0
+        self._sha = hashlib.sha256()
+
+    async def write(self, chunk: bytes) -> None:
+        self._size += len(chunk)
+        if self._size > self._max_size:
+            await self.abort()
+            raise BlobTooLarge(f"blob exceeds {self._max_size} bytes")
+        self._sha.update(chunk)
+        self._store.stats["blob_writes"] += 1
+        self._store.stats["largest_blob_write"] = max(self._store.stats["largest_blob_write"], len(chunk))
+        self._pending += chunk
+        while len(self._pending) >= BLOB_CHUNK_SIZE:
+            self._chunks.append(bytes(self._pending[:BLOB_CHUNK_SIZE]))
+            del self._pending[:BLOB_CHUNK_SIZE]
+
+    async def finish(self) -> tuple[int, str]:
+        if self._pending:
+            self._chunks.append(bytes(self._pending))
+            self._pending.clear()
+        self._store._blobs[self.blob_id] = (self._chunks, self._size)
+        return self._size, self._sha.hexdigest()
+
+    async def abort(self) -> None:
+        self._chunks, self._pending = [], bytearray()
+        self._store._blobs.pop(self.blob_id, None)
+
+
+class MemoryStorage(Storage):
+    """Everything in dicts, gone when the process exits."""
+
+    def __init__(self) -> None:
+        self._users: dict[str, Record] = {}
+        self._user_by_name: dict[str, str] = {}          # lower-cased username -> id
+        self._sorted_names: list[str] = []               # lower-cased usernames, sorted
+        self._conversations: dict[str, Record] = {}
+        self._direct: dict[tuple[str, str], str] = {}    # sorted pair -> conversation id
+        self._member_of: dict[str, set[str]] = {}        # user id -> conversation ids
+        self._messages: dict[str, Record] = {}
+        self._by_conversation: dict[str, list[Record]] = {}  # index = seq - 1
+        self._by_client_id: dict[tuple[str, str], str] = {}
+        self._receipts: dict[str, dict[str, Record]] = {}
+        self._blobs: dict[str, tuple[list[bytes], int]] = {}
+        self._presence: dict[str, Record] = {}
+        self._calls: dict[str, Record] = {}
+        self.stats: dict[str, int] = {"blob_writes": 0, "largest_blob_write": 0}
+
+    # -- lifecycle -----------------------------------------------------------
+    async def ping(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    # -- users ---------------------------------------------------------------
+    async def create_user(self, username: str, password_hash: str, display_name: str) -> Record:
+        key = username.lower()
+        if key in self._user_by_name:
+            raise UsernameTaken(username)
+        user = {"id": new_id(), "username": username, "display_name": display_name,
+                "created_at": utcnow(), "password_hash": password_hash}
+        self._users[user["id"]] = user
+        self._user_by_name[key] = user["id"]
+        bisect.insort(self._sorted_names, key)
+        return _public_user(user)
+
+    async def get_user(self, user_id: str) -> Record | None:
+        user = self._users.get(user_id)
+        return _public_user(user) if user else None
+
+    async def get_users(self, user_ids: list[str]) -> list[Record]:
+        return [_public_user(self._users[i]) for i in dict.fromkeys(user_ids) if i in self._users]
+
+    async def get_credentials(self, username: str) -> tuple[Record, str] | None:
+        user_id = self._user_by_name.get(username.lower())
+        if user_id is None:
+            return None
+        user = self._users[user_id]
+        return _public_user(user), user["password_hash"]
+
+    async def search_users(self, prefix: str, limit: int, after: str | None = None) -> list[Record]:
+        start = bisect.bisect_left(self._sorted_names, prefix)
+        if after is not None:
+            start = max(start, bisect.bisect_right(self._sorted_names, after))
+        found = []
+        for name in self._sorted_names[start:]:
+            if not name.startswith(prefix) or len(found) >= limit:
+                break
+            found.append(_public_user(self._users[self._user_by_name[name]]))
+        return found
+
+    # -- conversations -------------------------------------------------------
+    def _new_conversation(self, kind: str, creator_id: str, participant_ids: list[str],
+                          title: str | None) -> Record:
+        now = utcnow()
+        conversation = {"id": new_id(), "kind": kind, "participant_ids": list(participant_ids),
+                        "title": title, "created_by": creator_id, "created_at": now,
+                        "last_activity_at": now, "last_seq": 0, "last_message": None}
+        self._conversations[conversation["id"]] = conversation
+        self._by_conversation[conversation["id"]] = []
+        for user_id in participant_ids:
+            self._member_of.setdefault(user_id, set()).add(conversation["id"])
+        return conversation
+
+    async def get_or_create_direct(self, user_a: str, user_b: str) -> tuple[Record, bool]:
+        pair = (min(user_a, user_b), max(user_a, user_b))
+        existing = self._direct.get(pair)
+        if existing is not None:
+            return _copy(self._conversations[existing]), False
+        conversation = self._new_conversation("direct", user_a, list(pair), None)
+        self._direct[pair] = conversation["id"]
+        return _copy(conversation), True
+
+    async def create_group(self, creator_id: str, participant_ids: list[str], title: str | None) -> Record:
+        return _copy(self._new_conversation("group", creator_id, participant_ids, title))
+
+    async def get_conversation(self, conversation_id: str) -> Record | None:
+        conversation = self._conversations.get(conversation_id)
+        return _copy(conversation) if conversation else None
+
+    async def list_conversations(self, user_id: str, limit: int,
+                                 before: tuple[datetime, str] | None = None) -> list[Record]:
+        keyed = sorted(((c["last_activity_at"], c["id"]) for c in
+                        (self._conversations[i] for i in self._member_of.get(user_id, ()))),
+                       reverse=True)
+        if before is not None:
+            keyed = [k for k in keyed if k < before]
+        return [_copy(self._conversations[cid]) for _, cid in keyed[:limit]]
+
+    async def contact_ids(self, user_id: str) -> set[str]:
+        contacts: set[str] = set()
+        for conversation_id in self._member_of.get(user_id, ()):
+            contacts.update(self._conversations[conversation_id]["participant_ids"])
+        contacts.discard(user_id)
+        return contacts
+
+    # -- messages ------------------------------------------------------------
+    async def add_message(self, conversation_id: str, sender_id: str, client_message_id: str,
+                          ciphertext: bytes | None, content: Record | None) -> tuple[Record, bool]:
+        existing = self._by_client_id.get((sender_id, client_message_id))
+        if existing is not None:
+            return _copy(self._messages[existing]), False
+        conversation = self._conversations[conversation_id]
+        seq = conversation["last_seq"] + 1
+        message = {"id": new_id(), "conversation_id": conversation_id, "sender_id": sender_id,
+                   "seq": seq, "client_message_id": client_message_id, "created_at": utcnow(),
+                   "content": dict(content) if content else None, "ciphertext": ciphertext,
+                   "blob_id": None}
+        self._messages[message["id"]] = message
+        self._by_conversation[conversation_id].append(message)
+        self._by_client_id[(sender_id, client_message_id)] = message["id"]
+        conversation.update(last_seq=seq, last_activity_at=message["created_at"],
+                            last_message=_metadata(message))
+        return _copy(message), True
+
+    async def get_message(self, message_id: str) -> Record | None:
+        message = self._messages.get(message_id)
+        return _copy(message) if message else None
+
+    async def list_messages(self, conversation_id: str, *, before: int | None = None,
+                            after: int | None = None, limit: int = 50) -> tuple[list[Record], bool]:
+        log = self._by_conversation.get(conversation_id, [])
+        if after is not None:
+            start = max(after, 0)
+            page = log[start:start + limit]
+            more = start + limit < len(log)
+        else:
+            stop = len(log) if before is None else min(max(before - 1, 0), len(log))
+            start = max(stop - limit, 0)
+            page = log[start:stop]
+            more = start > 0
+        return [_copy(m) for m in page], more
+
+    async def attach_content(self, message_id: str, blob_id: str, size: int, sha256: str) -> Record:
+        message = self._messages[message_id]
+        if message["content"] is None:
+            message.update(content={"size": size, "sha256": sha256, "inline": False}, blob_id=blob_id)
+            conversation = self._conversations[message["conversation_id"]]
+            if conversation["last_seq"] == message["seq"]:
+                conversation["last_message"] = _metadata(message)
+        return _copy(message)
+
+    async def count_unread(self, conversation_id: str, user_id: str, after_seq: int) -> int:
+        log = self._by_conversation.get(conversation_id, [])
+        return sum(1 for m in log[max(after_seq, 0):] if m["sender_id"] != user_id)
+
+    # -- receipts ------------------------------------------------------------
+    async def advance_receipt(self, conversation_id: str, user_id: str, kind: ReceiptKind,
+                              seq: int) -> Record:
+        cursors = self._receipts.setdefault(conversation_id, {})
+        receipt = cursors.setdefault(user_id, {"user_id": user_id, "delivered_seq": 0, "read_seq": 0})
+        receipt["delivered_seq"] = max(receipt["delivered_seq"], seq)
+        if kind == "read":
+            receipt["read_seq"] = max(receipt["read_seq"], seq)
+        return dict(receipt)
+
+    async def get_receipts(self, conversation_id: str) -> dict[str, Record]:
+        return {k: dict(v) for k, v in self._receipts.get(conversation_id, {}).items()}
+
+    # -- blobs ---------------------------------------------------------------
+    async def open_blob_writer(self, max_size: int) -> BlobWriter:
+        return MemoryBlobWriter(self, max_size)
+
+    async def read_blob(self, blob_id: str, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+        if blob_id not in self._blobs:
+            raise BlobNotFound(blob_id)
+        chunks, size = self._blobs[blob_id]
+        end = size if end is None else min(end, size)
+        index, offset = divmod(start, BLOB_CHUNK_SIZE)
+        position = start
+        while position < end and index < len(chunks):
+            piece = chunks[index][offset:offset + (end - position)]
+            position += len(piece)
+            index, offset = index + 1, 0
+            yield piece
+
+    async def delete_blob(self, blob_id: str) -> None:
+        self._blobs.pop(blob_id, None)
+
+    # -- presence ------------------------------------------------------------
+    async def get_presence(self, user_id: str) -> Record | None:
+        record = self._presence.get(user_id)
+        return dict(record) if record else None
+
+    async def set_presence(self, user_id: str, *, status: str | None = None,
+                           last_seen: datetime | None = None) -> Record:
+        record = self._presence.setdefault(user_id, {"user_id": user_id, "status": "online", "last_seen": None})
+        if status is not None:
+            record["status"] = status
+        if last_seen is not None:
+            record["last_seen"] = last_seen
+        return dict(record)
+
+    # -- calls ---------------------------------------------------------------
+    async def create_call(self, caller_id: str, callee_id: str, media: str,
+                          ring_deadline: datetime) -> Record:
+        busy = any(c["status"] in LIVE_CALL_STATUSES and callee_id in (c["caller_id"], c["callee_id"])
+                   for c in self._calls.values())
+        now = utcnow()
+        call = {"id": new_id(), "caller_id": caller_id, "callee_id": callee_id, "media": media,
+                "status": "busy" if busy else "pending", "created_at": now,
+                "ring_deadline": ring_deadline, "answered_at": None,
+                "ended_at": now if busy else None, "end_reason": "busy" if busy else None,
+                "ended_by": None}
+        self._calls[call["id"]] = call
+        return dict(call)
+
+    async def get_call(self, call_id: str) -> Record | None:
+        call = self._calls.get(call_id)
+        return dict(call) if call else None
+
+    async def transition_call(self, call_id: str, from_statuses: tuple[str, ...], to_status: str,
+                              fields: Record) -> Record | None:
+        call = self._calls.get(call_id)
+        if call is None or call["status"] not in from_statuses:
+            return None
+        call.update(fields, status=to_status)
+        return dict(call)
+
+    async def list_active_calls(self, user_id: str) -> list[Record]:
+        return self._calls_of(user_id, LIVE_CALL_STATUSES, None, None)
+
+    async def list_call_history(self, user_id: str, limit: int,
+                                before: tuple[datetime, str] | None = None) -> list[Record]:
+        return self._calls_of(user_id, FINAL_CALL_STATUSES, limit, before)
+
+    def _calls_of(self, user_id: str, statuses: tuple[str, ...], limit: int | None,
+                  before: tuple[datetime, str] | None) -> list[Record]:
+        calls = sorted((c for c in self._calls.values()
+                        if c["status"] in statuses and user_id in (c["caller_id"], c["callee_id"])
+                        and (before is None or (c["created_at"], c["id"]) < before)),
+                       key=lambda c: (c["created_at"], c["id"]), reverse=True)
+        return [dict(c) for c in calls[:limit]]
+
+    async def due_pending_calls(self, now: datetime) -> list[Record]:
+        return [dict(c) for c in self._calls.values()
+                if c["status"] == "pending" and c["ring_deadline"] <= now]
+
+
+def _metadata(message: Record) -> Record:
+    """A message without its bytes or internal blob id: what a conversation keeps as last."""
+    out: dict[str, Any] = {k: v for k, v in message.items() if k not in ("ciphertext", "blob_id")}
+    if out["content"] is not None:
+        out["content"] = dict(out["content"])
+    return out
