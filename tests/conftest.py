@@ -9,6 +9,7 @@ import pytest
 from config.settings import Settings
 from kisse.app import make_app, shutdown, startup
 from tests import backends
+from tests.client import Api
 
 # Fast bcrypt and short timers: behaviour is the same, the suite stays quick.
 TEST_SETTINGS = Settings(
@@ -52,3 +53,13 @@ def app(settings, storage, io_loop):
 
 def with_settings(**changes) -> Settings:
     return dataclasses.replace(TEST_SETTINGS, **changes)
+
+
+@pytest.fixture
+def api(app, http_client, base_url):
+    return Api(http_client, base_url)
+
+
+@pytest.fixture
+def ws_url(http_port) -> str:
+    return f"ws://localhost:{http_port}/ws"

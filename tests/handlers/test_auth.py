@@ -1,0 +1,110 @@
+"""Accounts and tokens through HTTP."""
+from __future__ import annotations
+
+import base64
+import json
+import time
+
+import jwt
+import pytest
+
+from tests.conftest import TEST_SETTINGS
+
+pytestmark = pytest.mark.gen_test
+
+
+async def test_register_login_me(api):
+    status, body = await api.call("POST", "/api/auth/register",
+                                  body={"username": "Alice", "password": "correct horse", "display_name": "Al"})
+    assert status == 201
+    assert body["token_type"] == "Bearer" and body["expires_at"].endswith("Z")
+    assert body["user"]["username"] == "Alice" and body["user"]["display_name"] == "Al"
+    assert set(body["user"]) == {"id", "username", "display_name", "created_at"}
+    status, login = await api.call("POST", "/api/auth/login", body={"username": "alice", "password": "correct horse"})
+    assert status == 200 and login["user"] == body["user"]
+    status, me = await api.call("GET", "/api/auth/me", login["token"])
+    assert status == 200 and me == {"user": body["user"]}
+
+
+async def test_token_claims_are_complete(api):
+    token, user = await api.register()
+    claims = jwt.decode(token, TEST_SETTINGS.jwt_secret, algorithms=["HS256"])
+    assert claims["sub"] == user["id"] and {"iat", "exp", "jti"} <= set(claims)
+    assert claims["exp"] - claims["iat"] == TEST_SETTINGS.jwt_ttl
+
+
+async def test_username_taken_case_insensitively(api):
+    await api.register("Bob")
+    status, body = await api.call("POST", "/api/auth/register", body={"username": "bob", "password": "password123"})
+    assert status == 409 and body["error"]["code"] == "username_taken"
+
+
+@pytest.mark.parametrize("username,password,code", [
+    ("ab", "password123", "invalid_username"),
+    ("x" * 33, "password123", "invalid_username"),
+    ("bad name", "password123", "invalid_username"),
+    ("émile", "password123", "invalid_username"),
+    ("carol", "short", "weak_password"),
+    ("carol", "é" * 37, "password_too_long"),
+    ("carol", "p" * 73, "password_too_long"),
+])
+async def test_register_rejects_bad_credentials(api, username, password, code):
+    status, body = await api.call("POST", "/api/auth/register", body={"username": username, "password": password})
+    assert status == 400 and body["error"]["code"] == code
+
+
+async def test_password_of_exactly_72_bytes_works(api):
+    password = "p" * 72
+    await api.register("maxlen", password)
+    status, _ = await api.call("POST", "/api/auth/login", body={"username": "maxlen", "password": password})
+    assert status == 200
+    # A longer password that shares the first 72 bytes must not log in (no silent truncation).
+    status, _ = await api.call("POST", "/api/auth/login", body={"username": "maxlen", "password": password + "x"})
+    assert status == 401
+
+
+async def test_login_failures_are_indistinguishable(api):
+    await api.register("dave", "password123")
+    wrong = await api.call("POST", "/api/auth/login", body={"username": "dave", "password": "wrong-password"})
+    unknown = await api.call("POST", "/api/auth/login", body={"username": "nobody", "password": "wrong-password"})
+    assert wrong == unknown
+    assert wrong[0] == 401 and wrong[1]["error"]["code"] == "invalid_credentials"
+
+
+def forge(claims: dict, secret: str = TEST_SETTINGS.jwt_secret, algorithm: str = "HS256") -> str:
+    return jwt.encode(claims, secret, algorithm=algorithm)
+
+
+def unsigned(claims: dict) -> str:
+    def part(d):
+        return base64.urlsafe_b64encode(json.dumps(d).encode()).rstrip(b"=").decode()
+    return f"{part({'alg': 'none', 'typ': 'JWT'})}.{part(claims)}."
+
+
+async def test_bad_tokens_are_401(api, storage):
+    token, user = await api.register()
+    now = int(time.time())
+    good = {"sub": user["id"], "iat": now, "exp": now + 60, "jti": "x"}
+    bad_tokens = {
+        "forged": forge(good, secret="another-secret-another-secret-123"),
+        "alg_none": unsigned(good),
+        "hs512": forge(good, algorithm="HS512"),
+        "expired": forge({**good, "iat": now - 120, "exp": now - 60}),
+        "no_sub": forge({k: v for k, v in good.items() if k != "sub"}),
+        "unknown_user": forge({**good, "sub": "f" * 24}),
+        "garbage": "not.a.token",
+    }
+    for name, bad in bad_tokens.items():
+        status, body = await api.call("GET", "/api/auth/me", bad)
+        assert status == 401, name
+        assert body["error"]["code"] in ("invalid_token", "token_expired"), name
+    status, body = await api.call("GET", "/api/auth/me")
+    assert status == 401 and body["error"]["code"] == "missing_token"
+    status, body = await api.call("GET", "/api/auth/me", headers={"Authorization": "Basic abc"})
+    assert status == 401
+    assert (await api.call("GET", "/api/auth/me", token))[0] == 200
+
+
+async def test_health_and_ready(api):
+    assert await api.call("GET", "/healthz") == (200, {"status": "ok"})
+    assert await api.call("GET", "/readyz") == (200, {"status": "ready"})
