@@ -18,6 +18,7 @@ from kisse.validation import Schema, validate
 from storage.base import Record, Storage
 
 log = logging.getLogger("kisse.http")
+BODY_SLACK = 1024 * 1024
 
 
 @tornado.web.stream_request_body
@@ -66,6 +67,10 @@ class APIHandler(tornado.web.RequestHandler):
     async def prepare(self) -> None:
         self.rt.inflight += 1
         self._counted = True
+        # The server's own cap is the JSON limit; handlers with a larger limit
+        # (content uploads) raise it for their request. Slack lets a chunked body
+        # just over the limit still get our 413 instead of a dropped connection.
+        self.request.connection.set_max_body_size(self.body_limit() + BODY_SLACK)
         declared = self.request.headers.get("Content-Length")
         if declared and declared.isdigit() and int(declared) > self.body_limit():
             raise PayloadTooLarge(f"request body is larger than {self.body_limit()} bytes")

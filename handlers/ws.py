@@ -22,6 +22,10 @@ SYNC_PAGE = 200
 # later `sync` does not send them again.
 PUSHED_MEMORY = 5000
 
+# Close reasons (our ping timeout and slow-consumer cut) after which
+# the socket is dropped at once.
+DEAD_PEER_REASONS = ("ping timed out", "slow consumer")
+
 Action = Callable[["GatewaySocket", dict[str, Any]], Awaitable[Any]]
 
 
@@ -62,13 +66,42 @@ class GatewaySocket(tornado.websocket.WebSocketHandler):
         self.set_nodelay(True)
         loop = asyncio.get_running_loop()
         self._expiry = loop.call_later(max(self._expires_at - time.time(), 0), self._token_expired)
+        self._answered = True
+        self._heartbeat = loop.create_task(self._beat())
         self.rt.hub.add(self)
+
+    async def _beat(self) -> None:
+        """Ping every interval; a peer that answered nothing since the last ping
+        (no pong, no frame) is dropped, so a dead one goes within two intervals."""
+        interval = self.rt.settings.ws_ping
+        while True:
+            await asyncio.sleep(interval)
+            if not self._answered:
+                self.close(reason="ping timed out")
+                return
+            self._answered = False
+            try:
+                self.ping()
+            except tornado.websocket.WebSocketClosedError:
+                return
+
+    def on_pong(self, data: bytes) -> None:
+        self._answered = True
 
     def on_close(self) -> None:
         self._closing = True
         if hasattr(self, "_expiry"):
             self._expiry.cancel()
+            self._heartbeat.cancel()
             self.rt.hub.remove(self)
+
+    def close(self, code: int | None = None, reason: str | None = None) -> None:
+        connection = self.ws_connection
+        super().close(code, reason)
+        if connection is not None and reason in DEAD_PEER_REASONS:
+            # A peer that doesn't answer pings or read frames won't answer a close
+            # handshake either: drop the socket now instead of waiting 5 s for it.
+            connection._abort()
 
     def _token_expired(self) -> None:
         self.close(protocol.CLOSE_TOKEN_EXPIRED, "token expired")
@@ -112,6 +145,7 @@ class GatewaySocket(tornado.websocket.WebSocketHandler):
 
     # -- inbound ---------------------------------------------------------------
     async def on_message(self, message: str | bytes) -> None:
+        self._answered = True
         request_id = None
         try:
             kind, request_id, data = protocol.parse(message)

@@ -11,6 +11,7 @@ import sys
 import tornado.httpserver
 
 from config.settings import OPTIONS, Settings, SettingsError
+from handlers.base import BODY_SLACK
 from kisse.app import make_app, shutdown, startup
 from kisse.logs import setup_logging
 from storage import create_storage
@@ -37,7 +38,7 @@ async def serve(settings: Settings) -> None:
     storage = create_storage(settings.storage)
     app = make_app(settings, storage)
     await startup(app)
-    server = tornado.httpserver.HTTPServer(app, xheaders=True, max_body_size=settings.max_body + 65536)
+    server = tornado.httpserver.HTTPServer(app, xheaders=True, max_body_size=settings.max_body + BODY_SLACK)
     server.listen(settings.port, settings.host)
     log.info("kisse listening", extra={"host": settings.host, "port": settings.port,
                                        "storage": settings.storage.split("://")[0]})

@@ -41,10 +41,8 @@ def make_app(settings: Settings, storage: Storage) -> tornado.web.Application:
         kisse=rt,
         default_handler_class=NotFoundHandler,
         log_function=log_request,
-        # Tornado pings every interval and drops a peer whose pong is a full
-        # interval late: a silent client is gone within two intervals.
-        websocket_ping_interval=settings.ws_ping,
-        websocket_ping_timeout=settings.ws_ping,
+        # Heartbeat is handlers/ws.py's own: Tornado's waits 5 s more for a
+        # close handshake a dead peer never answers.
         websocket_max_message_size=settings.max_ws_frame,
     )
 

@@ -75,6 +75,10 @@ class Ws:
         url = ws_url + (f"?token={token}" if token else "")
         return cls(await websocket_connect(url, **kwargs))
 
+    @classmethod
+    async def connect_request(cls, request: HTTPRequest) -> "Ws":
+        return cls(await websocket_connect(request))
+
     async def _read(self) -> None:
         while True:
             text = await self.conn.read_message()

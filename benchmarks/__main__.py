@@ -1,0 +1,371 @@
+"""`python -m benchmarks [--quick] [--only NAME ...]`: Kisse against a bare-Tornado baseline.
+
+Starts every server it needs on free 127.0.0.1 ports (Kisse as `python -m kisse`
+with in-memory storage, the baseline as `benchmarks/bare_server.py`), runs each
+scenario's load generator in its own process, stops everything, writes
+benchmarks/results/<timestamp>.json and latest.json, and prints a table.
+Exits 0 whatever the figures are; 1 only if a scenario crashed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from benchmarks import procs
+from benchmarks.procs import ROOT, Server, raise_nofile, start_bare, start_kisse
+
+MIB = 1024 * 1024
+RESULTS = Path(__file__).resolve().parent / "results"
+
+PROFILES: dict[str, dict[str, Any]] = {
+    "quick": {"relay_pairs": (1, 50), "relay_duration": 2.0, "relay_warmup": 0.5, "relay_window": 4,
+              "relay_max": 200_000, "idle_counts": (200, 500), "idle_settle": 0.3, "storm_logins": 10, "storm_idle_s": 1.0,
+              "blob_size": 16 * MIB, "history_messages": 5_000, "history_requests": 300,
+              "history_duration": 2.0, "rest_duration": 2.0, "rest_warmup": 0.5},
+    "full": {"relay_pairs": (1, 50), "relay_duration": 10.0, "relay_warmup": 1.0, "relay_window": 4,
+             "relay_max": 2_000_000, "idle_counts": (1000, 5000), "idle_settle": 1.0, "storm_logins": 50, "storm_idle_s": 3.0,
+             "blob_size": 100 * MIB, "history_messages": 100_000, "history_requests": 3000,
+             "history_duration": 8.0, "rest_duration": 10.0, "rest_warmup": 1.0},
+}
+
+
+class Crash(Exception):
+    """The load generator or a server failed: not a figure, a broken run."""
+
+
+def run_client(scenario: str, params: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """Run one scenario's load generator in its own process, bounded by `timeout`."""
+    with tempfile.TemporaryDirectory(prefix="kisse-bench-load-") as tmp:
+        params_path, result_path = os.path.join(tmp, "params.json"), os.path.join(tmp, "result.json")
+        with open(params_path, "w") as f:
+            json.dump(params, f)
+        try:
+            proc = subprocess.run([sys.executable, "-m", "benchmarks.load", scenario, params_path, result_path],
+                                  cwd=ROOT, timeout=timeout, capture_output=True, text=True)
+        except subprocess.TimeoutExpired:
+            raise Crash(f"{scenario}: load generator still running after {timeout:.0f}s (killed)") from None
+        if proc.returncode != 0 or not os.path.exists(result_path):
+            raise Crash(f"{scenario}: load generator exited {proc.returncode}:\n{proc.stderr[-2000:]}")
+        with open(result_path) as f:
+            return json.load(f)
+
+
+PROFILE_DIR: Path | None = None  # set by --profile: py-spy records every Kisse server
+
+
+def start_profiler(server: Server, scenario: str) -> tuple[subprocess.Popen | None, Path | None]:
+    """py-spy (collapsed stacks, GIL-holding samples only) on a Kisse server, if --profile."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if PROFILE_DIR is None or server.name != "kisse" or not os.path.exists(spy):
+        return None, None
+    PROFILE_DIR.mkdir(parents=True, exist_ok=True)
+    out = PROFILE_DIR / f"{scenario}-{server.port}.collapsed"
+    proc = subprocess.Popen([spy, "record", "-p", str(server.pid), "-r", "250", "--format", "raw", "-o", str(out),
+                             "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return proc, out
+
+
+def with_server(start: Callable[[], Server], scenario: str, params: dict[str, Any], timeout: float) -> dict[str, Any]:
+    server = start()
+    spy, spy_out = start_profiler(server, scenario)
+    try:
+        result = run_client(scenario, {**params, "base": server.base, "server_pid": server.pid}, timeout)
+    except Crash as crash:
+        crash.args = (f"{crash.args[0]}\n--- {server.name} log tail ---\n{server.log_tail()}",)
+        raise
+    finally:
+        if spy is not None:
+            spy.send_signal(2)
+            try:
+                spy.wait(20)
+            except subprocess.TimeoutExpired:
+                spy.kill()
+        code = server.stop()
+    if spy_out is not None:
+        result["profile"] = str(spy_out)
+    result["server_exit_code"] = code
+    if server.name == "kisse":
+        result["kisse_env"] = {k: v for k, v in server.env.items() if k != "KISSE_JWT_SECRET"}
+    return result
+
+
+# -- scenarios ------------------------------------------------------------------------
+def sc_relay(cfg: dict[str, Any], logs: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for pairs in cfg["relay_pairs"]:
+        params = {"pairs": pairs, "window": cfg["relay_window"], "duration": cfg["relay_duration"],
+                  "warmup": cfg["relay_warmup"], "max_messages": cfg["relay_max"], "client": cfg["client"]}
+        timeout = cfg["relay_duration"] + cfg["relay_warmup"] + 60
+        out[f"pairs_{pairs}"] = {
+            "kisse": with_server(lambda: start_kisse(logs), "relay", {**params, "target": "kisse"}, timeout),
+            "bare": with_server(lambda: start_bare(logs), "relay", {**params, "target": "bare"}, timeout),
+        }
+    return out
+
+
+def sc_idle(cfg: dict[str, Any], logs: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for count in cfg["idle_counts"]:
+        timeout = 60 + count / 50
+        out[f"conns_{count}"] = {
+            "kisse": with_server(lambda: start_kisse(logs, KISSE_PRESENCE_GRACE="0"), "idle",
+                                 {"target": "kisse", "count": count, "settle": cfg["idle_settle"]}, timeout),
+            "bare": with_server(lambda: start_bare(logs), "idle", {"target": "bare", "count": count, "settle": cfg["idle_settle"]}, timeout),
+        }
+    return out
+
+
+def sc_login_storm(cfg: dict[str, Any], logs: str) -> dict[str, Any]:
+    params = {"logins": cfg["storm_logins"], "idle_s": cfg["storm_idle_s"], "interval": 0.01,
+              "max_pings": 20_000, "timeout": 120}
+    return with_server(lambda: start_kisse(logs, KISSE_BCRYPT_ROUNDS="12"), "login_storm", params, 180)
+
+
+def sc_blob(cfg: dict[str, Any], logs: str) -> dict[str, Any]:
+    size = cfg["blob_size"]
+    params = {"size": size, "chunk": 256 * 1024}
+    out: dict[str, Any] = {
+        # As shipped: HTTPServer(max_body_size=KISSE_MAX_BODY + 64 KiB) caps every body, content uploads too.
+        "default_config_2mib": with_server(lambda: start_kisse(logs), "blob", {**params, "size": 2 * MIB}, 60),
+        # Workaround so the blob path itself can be measured: raise the server-wide body cap.
+        "memory": with_server(lambda: start_kisse(logs, KISSE_MAX_BODY=str(size + MIB), KISSE_MAX_BLOB=str(size)),
+                              "blob", params, 180),
+    }
+    mongo = os.environ.get("KISSE_BENCH_MONGODB_URI")
+    if mongo:
+        try:
+            out["mongo"] = with_server(lambda: start_kisse(logs, KISSE_STORAGE=mongo, KISSE_MAX_BODY=str(size + MIB),
+                                                           KISSE_MAX_BLOB=str(size)), "blob", params, 300)
+        except (Crash, RuntimeError) as error:
+            out["mongo"] = {"error": str(error)[-1500:]}
+    return out
+
+
+def sc_history(cfg: dict[str, Any], logs: str) -> dict[str, Any]:
+    params = {"messages": cfg["history_messages"], "window": 256, "seed_timeout": 150,
+              "requests": cfg["history_requests"], "duration": cfg["history_duration"]}
+    return with_server(lambda: start_kisse(logs), "history", params, 240)
+
+
+def sc_rest(cfg: dict[str, Any], logs: str) -> dict[str, Any]:
+    params = {"concurrency": 50, "duration": cfg["rest_duration"], "warmup": cfg["rest_warmup"],
+              "max_requests": 2_000_000, "conversations": 5}
+    timeout = cfg["rest_duration"] + cfg["rest_warmup"] + 60
+    return {"kisse": with_server(lambda: start_kisse(logs), "rest", {**params, "target": "kisse"}, timeout),
+            "bare": with_server(lambda: start_bare(logs), "rest", {**params, "target": "bare"}, timeout)}
+
+
+SCENARIOS: dict[str, Callable[[dict[str, Any], str], dict[str, Any]]] = {
+    "relay": sc_relay, "idle": sc_idle, "login_storm": sc_login_storm, "blob": sc_blob,
+    "history": sc_history, "rest": sc_rest,
+}
+
+
+# -- the table ---------------------------------------------------------------------------
+def _get(d: Any, *path: str) -> Any:
+    for key in path:
+        if not isinstance(d, dict) or key not in d:
+            return None
+        d = d[key]
+    return d
+
+
+def _ratio(a: Any, b: Any) -> float | None:
+    return round(a / b, 2) if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b else None
+
+
+def _row(name: str, kisse: Any, base: Any, base_label: str, unit: str, target: str,
+         met: bool | None, ratio: float | None = None) -> dict[str, Any]:
+    return {"metric": name, "kisse": kisse, "baseline": base, "baseline_is": base_label, "unit": unit,
+            "ratio": ratio if ratio is not None else _ratio(kisse, base), "target": target, "met": met}
+
+
+def build_table(s: dict[str, Any]) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for key, res in (s.get("relay") or {}).items():
+        k, b = res.get("kisse", {}), res.get("bare", {})
+        kt, bt = k.get("msgs_per_s"), b.get("msgs_per_s")
+        r = _ratio(kt, bt)
+        rows.append(_row(f"relay {key}: delivered msgs/s", kt, bt, "bare relay", "msg/s", ">= 0.5x bare",
+                         None if r is None else r >= 0.5))
+        for q in ("p50_ms", "p99_ms"):
+            kl, bl = _get(k, "latency", q), _get(b, "latency", q)
+            r = _ratio(kl, bl)
+            rows.append(_row(f"relay {key}: e2e latency {q[:3]}", kl, bl, "bare relay", "ms",
+                             "<= 2x bare" if q == "p99_ms" else "-",
+                             (None if r is None else r <= 2.0) if q == "p99_ms" else None))
+    for key, res in (s.get("idle") or {}).items():
+        k, b = res.get("kisse", {}), res.get("bare", {})
+        kb, bb = k.get("bytes_per_conn"), b.get("bytes_per_conn")
+        r = _ratio(kb, bb)
+        rows.append(_row(f"idle {key}: server RSS per connection", kb, bb, "bare relay", "bytes",
+                         "<= 1.5x bare", None if r is None else r <= 1.5))
+        rows.append(_row(f"idle {key}: connections reached", k.get("connected"), b.get("connected"), "bare relay",
+                         "conns", f"= {k.get('requested')}",
+                         None if k.get("connected") is None else k.get("connected") == k.get("requested")))
+    st = s.get("login_storm")
+    if st:
+        for q in ("p50_ms", "p99_ms"):
+            ks, ki = _get(st, "storm", q), _get(st, "idle", q)
+            rows.append(_row(f"login storm ({st.get('logins')} logins, bcrypt 12): WS ping {q[:3]}", ks, ki,
+                             "same socket, idle", "ms", "<= 50 ms" if q == "p99_ms" else "-",
+                             (None if ks is None else ks <= 50) if q == "p99_ms" else None))
+    bl = s.get("blob")
+    if bl:
+        d = bl.get("default_config_2mib", {})
+        rows.append(_row("blob: 2 MiB upload with default KISSE_MAX_BODY", d.get("upload_status"), None, "-",
+                         "HTTP status", "201", d.get("upload_status") == 201))
+        for backend in ("memory", "mongo"):
+            m = bl.get(backend)
+            if not m:
+                continue
+            mib = m.get("size", 0) / MIB
+            if m.get("failed") or m.get("error"):
+                rows.append(_row(f"blob {backend}: {mib:.0f} MiB upload", m.get("upload_status") or "error", None,
+                                 "-", "HTTP status", "201", False))
+                continue
+            rows.append(_row(f"blob {backend}: {mib:.0f} MiB upload", m.get("upload_mb_s"), None, "-", "MB/s",
+                             "report", None))
+            rows.append(_row(f"blob {backend}: {mib:.0f} MiB download", m.get("download_mb_s"), None, "-", "MB/s",
+                             "report", None))
+            g = m.get("peak_growth_beyond_blob")
+            rows.append(_row(f"blob {backend}: peak RSS growth beyond the blob", round(g / MIB, 1) if g is not None
+                             else None, None, "-", "MiB", "<= 16 MiB", None if g is None else g <= 16 * MIB))
+    h = s.get("history")
+    if h:
+        for page in ("latest_page", "random_page"):
+            for q in ("p50_ms", "p99_ms"):
+                v = _get(h, page, "latency", q)
+                rows.append(_row(f"history ({h.get('seeded')} msgs): {page.replace('_', ' ')} of 50 {q[:3]}", v,
+                                 None, "-", "ms", "<= 5 ms" if q == "p99_ms" else "-",
+                                 (None if v is None else v <= 5) if q == "p99_ms" else None))
+    rs = s.get("rest")
+    if rs:
+        kr, br = _get(rs, "kisse", "req_per_s"), _get(rs, "bare", "req_per_s")
+        rows.append(_row("REST GET /api/conversations @50 conns", kr, br, "bare JSON GET", "req/s", "report ratio",
+                         None))
+        for q in ("p50_ms", "p99_ms"):
+            rows.append(_row(f"REST @50 conns latency {q[:3]}", _get(rs, "kisse", "latency", q),
+                             _get(rs, "bare", "latency", q), "bare JSON GET", "ms", "report", None))
+    return rows
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "NO"
+    if isinstance(v, float):
+        return f"{v:,.2f}" if abs(v) < 100 else f"{v:,.0f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def render_table(rows: list[dict[str, Any]]) -> str:
+    header = ["metric", "unit", "Kisse", "baseline", "ratio", "target", "met?"]
+    body = [[r["metric"], r["unit"], _fmt(r["kisse"]), _fmt(r["baseline"]) + (f" ({r['baseline_is']})"
+             if r["baseline"] is not None else ""), _fmt(r["ratio"]), r["target"],
+             _fmt(r["met"]) if r["met"] is not None else "-"] for r in rows]
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *body)]
+    lines = ["| " + " | ".join(str(c).ljust(w) for c, w in zip(line, widths)) + " |" for line in [header, *body]]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def machine() -> dict[str, Any]:
+    import aiohttp
+    import tornado
+    return {"nproc": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
+            "kernel": platform.release(), "tornado": tornado.version, "aiohttp": aiohttp.__version__,
+            "cpu_model": next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                               if line.startswith("model name")), None)}
+
+
+def background_cpu(seconds: float = 1.0) -> float:
+    """Machine-wide busy CPU before the run, in % of one core (other work skews every figure)."""
+    def snap() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        return sum(values), values[3] + values[4]  # total, idle + iowait
+    total0, idle0 = snap()
+    time.sleep(seconds)
+    total1, idle1 = snap()
+    busy = (total1 - total0) - (idle1 - idle0)
+    return round(100 * (os.cpu_count() or 1) * busy / max(total1 - total0, 1), 1)
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=5).stdout.strip() or None
+    except OSError:
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small counts and short runs (< 1 minute)")
+    parser.add_argument("--only", nargs="+", choices=list(SCENARIOS), help="run just these scenarios")
+    parser.add_argument("--client", choices=("picows", "aiohttp"), default="picows",
+                        help="WebSocket client for the relay load (default picows; aiohttp to cross-check)")
+    parser.add_argument("--profile", action="store_true",
+                        help="record each Kisse server with py-spy (collapsed stacks in results/profiles/)")
+    parser.add_argument("--results", default=str(RESULTS), help="directory for the JSON results")
+    args = parser.parse_args(argv)
+    mode = "quick" if args.quick else "full"
+    cfg = {**PROFILES[mode], "client": args.client}
+    global PROFILE_DIR
+    if args.profile:
+        PROFILE_DIR = Path(args.results) / "profiles"
+    nofile = raise_nofile()
+    logs = procs.new_log_dir()
+    background = background_cpu()
+    if background > 20:
+        print(f"[bench] WARNING: {background:.0f}% of a core is busy before the run (other processes); "
+              "the figures will be low and noisy", file=sys.stderr, flush=True)
+    started = datetime.now(timezone.utc)
+    t0 = time.monotonic()
+    scenarios: dict[str, Any] = {}
+    crashed: list[str] = []
+    for name in args.only or list(SCENARIOS):
+        print(f"[bench] {name} ...", file=sys.stderr, flush=True)
+        t = time.monotonic()
+        try:
+            scenarios[name] = SCENARIOS[name](cfg, logs)
+        except (Crash, RuntimeError, OSError) as error:
+            crashed.append(name)
+            scenarios[name] = {"error": str(error)[-3000:]}
+            print(f"[bench] {name} CRASHED: {error}", file=sys.stderr, flush=True)
+        print(f"[bench] {name} done in {time.monotonic() - t:.1f}s", file=sys.stderr, flush=True)
+    table = build_table(scenarios)
+    report = {"mode": mode, "started_at": started.isoformat(timespec="seconds"),
+              "duration_s": round(time.monotonic() - t0, 1), "machine": machine(), "git_commit": git_commit(),
+              "rlimit_nofile": nofile, "background_cpu_pct_before": background, "profile": cfg, "crashed": crashed, "table": table, "scenarios": scenarios}
+    out_dir = Path(args.results)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = started.strftime("%Y%m%dT%H%M%SZ") + ("-quick" if args.quick else "")
+    path = out_dir / f"{stamp}.json"
+    path.write_text(json.dumps(report, indent=1, default=str) + "\n")
+    shutil.copyfile(path, out_dir / "latest.json")
+    print(render_table(table))
+    print(f"\n{mode} run, {report['duration_s']}s; results: {path} (and latest.json)")
+    if crashed:
+        print(f"crashed scenarios: {', '.join(crashed)}; server logs kept in {logs}", file=sys.stderr)
+        return 1
+    shutil.rmtree(logs, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

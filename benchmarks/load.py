@@ -1,0 +1,604 @@
+"""The load generator: one scenario per process, apart from the servers it measures.
+
+Run by the runner as `python -m benchmarks.load SCENARIO PARAMS.json RESULT.json`.
+Clients: aiohttp for WebSockets and setup calls (its frame reader is compiled),
+and a raw asyncio HTTP/1.1 keep-alive client for the request-rate scenarios,
+which costs far less CPU per request than any full client library. Every
+scenario is bounded in count and in time and talks to 127.0.0.1 only.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import random
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+
+from benchmarks.procs import HOST, cpu_seconds, own_cpu_seconds, proc_status, raise_nofile, rss
+
+perf = time.perf_counter
+PASSWORD = "benchmark-password"
+CIPHERTEXT = base64.b64encode(b"\x17" * 64).decode()  # a 64-byte opaque message
+MIB = 1024 * 1024
+
+
+# -- measuring -----------------------------------------------------------------
+def pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+def latency_summary(seconds: list[float]) -> dict[str, Any]:
+    ms = [s * 1000 for s in seconds]
+    return {"count": len(ms), "p50_ms": _r(pct(ms, 50)), "p90_ms": _r(pct(ms, 90)),
+            "p99_ms": _r(pct(ms, 99)), "max_ms": _r(max(ms) if ms else None)}
+
+
+def _r(value: float | None, digits: int = 3) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+class CpuMeter:
+    """CPU used by this client process and by the server over a window, in % of one core."""
+
+    def __init__(self, server_pid: int) -> None:
+        self.server_pid = server_pid
+
+    def start(self) -> None:
+        self.t0, self.c0, self.s0 = perf(), own_cpu_seconds(), cpu_seconds(self.server_pid)
+
+    def stop(self) -> dict[str, float]:
+        wall = perf() - self.t0
+        return {"wall_s": round(wall, 3),
+                "client_cpu_pct": round(100 * (own_cpu_seconds() - self.c0) / wall, 1),
+                "server_cpu_pct": round(100 * (cpu_seconds(self.server_pid) - self.s0) / wall, 1)}
+
+
+class RssSampler(threading.Thread):
+    """Samples a process's VmRSS every few ms in a thread (the event loop may be busy)."""
+
+    def __init__(self, pid: int, interval: float = 0.005) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.interval = pid, interval
+        self.peak = 0
+        self._stop_flag = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_flag.is_set():
+            try:
+                self.peak = max(self.peak, rss(self.pid))
+            except (OSError, KeyError):
+                return
+            time.sleep(self.interval)
+
+    def reset(self) -> None:
+        self.peak = rss(self.pid)
+
+    def stop(self) -> int:
+        self._stop_flag.set()
+        self.join(2)
+        return self.peak
+
+
+async def bounded_gather(n: int, jobs: list[Callable[[], Awaitable[Any]]]) -> list[Any]:
+    """Run coroutine factories with at most `n` at a time; exceptions are returned, not raised."""
+    gate = asyncio.Semaphore(n)
+
+    async def one(job: Callable[[], Awaitable[Any]]) -> Any:
+        async with gate:
+            return await job()
+    return await asyncio.gather(*(one(j) for j in jobs), return_exceptions=True)
+
+
+# -- the Kisse API ---------------------------------------------------------------
+class Kisse:
+    def __init__(self, session: aiohttp.ClientSession, base: str) -> None:
+        self.session, self.base = session, base
+        self.ws_base = base.replace("http://", "ws://")
+
+    async def call(self, method: str, path: str, token: str | None = None, body: Any = None,
+                   expect: tuple[int, ...] = (200, 201)) -> Any:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        async with self.session.request(method, self.base + path, json=body, headers=headers) as response:
+            data = await response.json(content_type=None)
+            if response.status not in expect:
+                raise RuntimeError(f"{method} {path} -> {response.status} {data}")
+            return data
+
+    async def register(self, username: str) -> tuple[str, str]:
+        data = await self.call("POST", "/api/auth/register", body={"username": username, "password": PASSWORD})
+        return data["token"], data["user"]["id"]
+
+    async def conversation(self, token: str, other_id: str) -> str:
+        data = await self.call("POST", "/api/conversations", token, {"participant_ids": [other_id]})
+        return data["conversation"]["id"]
+
+    async def connect(self, token: str) -> aiohttp.ClientWebSocketResponse:
+        """Open /ws, send `sync` and wait for its ack: connected, authenticated, caught up."""
+        ws = await self.session.ws_connect(f"{self.ws_base}/ws?token={token}", compress=0, autoping=True,
+                                           heartbeat=None, max_msg_size=0)
+        await ws.send_str('{"type":"sync","id":"s","data":{}}')
+        while True:
+            msg = await ws.receive(timeout=30)
+            if msg.type != aiohttp.WSMsgType.TEXT:
+                raise RuntimeError(f"ws closed during sync: {msg}")
+            frame = json.loads(msg.data)
+            if frame.get("id") == "s":
+                if frame["type"] != "ack":
+                    raise RuntimeError(f"sync failed: {frame}")
+                return ws
+
+
+def make_session(limit: int = 0) -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=limit, force_close=False),
+                                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=30))
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}{os.getpid() % 100000}{random.randrange(10**6)}"
+
+
+async def close_all(sockets: list[aiohttp.ClientWebSocketResponse]) -> None:
+    async def close(ws: aiohttp.ClientWebSocketResponse) -> None:
+        try:
+            await asyncio.wait_for(ws.close(), 3)
+        except Exception:
+            pass
+    await bounded_gather(200, [lambda ws=ws: close(ws) for ws in sockets])
+
+
+# -- relay -----------------------------------------------------------------------
+async def relay(p: dict[str, Any]) -> dict[str, Any]:
+    """N pairs; A sends, B receives and acknowledges delivery; at most `window` in flight per pair."""
+    kind, pairs, window = p["target"], p["pairs"], p["window"]
+    if p.get("client", "picows") == "picows":
+        return await relay_picows(p)
+    async with make_session() as session:
+        api = Kisse(session, p["base"])
+        sockets: list[tuple[Any, Any, str]] = []
+        if kind == "kisse":
+            tag = unique("r")
+            users = await bounded_gather(16, [lambda i=i: api.register(f"{tag}_{i}") for i in range(2 * pairs)])
+            for u in users:
+                if isinstance(u, BaseException):
+                    raise u
+            convs = await bounded_gather(16, [lambda i=i: api.conversation(users[2 * i][0], users[2 * i + 1][1])
+                                              for i in range(pairs)])
+            wss = await bounded_gather(32, [lambda u=u: api.connect(u[0]) for u in users])
+            for item in [*convs, *wss]:
+                if isinstance(item, BaseException):
+                    raise item
+            sockets = [(wss[2 * i], wss[2 * i + 1], convs[i]) for i in range(pairs)]
+        else:
+            async def bare(i: int, side: str) -> Any:
+                return await session.ws_connect(f"{api.ws_base}/ws?pair={i}&side={side}", compress=0,
+                                                heartbeat=None, max_msg_size=0)
+            for i in range(pairs):
+                sockets.append((await bare(i, "a"), await bare(i, "b"), f"c{i}"))
+
+        deliveries: list[tuple[float, float]] = []
+        stop = asyncio.Event()
+        max_per_pair = p["max_messages"] // pairs
+        gates = [asyncio.Semaphore(window) for _ in range(pairs)]
+        sent_at: dict[str, float] = {}
+        errors: list[str] = []
+
+        async def sender(i: int) -> None:
+            ws_a, _, conv = sockets[i]
+            for k in range(max_per_pair):
+                await gates[i].acquire()
+                if stop.is_set():
+                    return
+                cmid = f"p{i}-{k}"
+                sent_at[cmid] = perf()
+                await ws_a.send_str('{"type":"message.send","id":%d,"data":{"conversation_id":"%s",'
+                                    '"client_message_id":"%s","ciphertext":"%s"}}' % (k, conv, cmid, CIPHERTEXT))
+
+        async def receiver(i: int) -> None:
+            ws_b = sockets[i][1]
+            n = 0
+            async for msg in ws_b:
+                frame = json.loads(msg.data)
+                if frame["type"] == "message.new" or (kind == "bare" and frame["type"] == "message.send"):
+                    now = perf()
+                    data = frame["data"]
+                    t0 = sent_at.pop(data["client_message_id"], None)
+                    if t0 is not None:
+                        deliveries.append((now, now - t0))
+                    gates[i].release()
+                    n += 1
+                    await ws_b.send_str('{"type":"message.delivered","id":%d,"data":{"message_id":"%s"}}'
+                                        % (n, data.get("id", data["client_message_id"])))
+                elif frame["type"] == "error":
+                    errors.append(msg.data[:300])
+
+        async def drain(ws: Any) -> None:  # A's acks and receipts
+            async for msg in ws:
+                if '"type":"error"' in msg.data:
+                    errors.append(msg.data[:300])
+
+        meter = CpuMeter(p["server_pid"])
+        tasks = [asyncio.ensure_future(f(i)) for i in range(pairs) for f in (sender, receiver)]
+        tasks += [asyncio.ensure_future(drain(s[0])) for s in sockets]
+        await asyncio.sleep(p["warmup"])
+        t_start = perf()
+        meter.start()
+        done_at = t_start + p["duration"]
+        while perf() < done_at and not all(t.done() for t in tasks[::2]):
+            await asyncio.sleep(0.05)
+        t_end = perf()
+        cpu = meter.stop()
+        stop.set()
+        for gate in gates:  # wake senders blocked on a full window
+            gate.release()
+        await asyncio.sleep(0.5)
+        await close_all([ws for s in sockets for ws in s[:2]])
+        for t in tasks:
+            t.cancel()
+        window_lat = [lat for (t, lat) in deliveries if t_start <= t <= t_end]
+        return {"target": kind, "client": "aiohttp", "pairs": pairs, "window": window, "measured_s": round(t_end - t_start, 3),
+                "delivered": len(window_lat), "msgs_per_s": round(len(window_lat) / (t_end - t_start), 1),
+                "latency": latency_summary(window_lat), "cpu": cpu, "errors": errors[:5],
+                "error_count": len(errors)}
+
+
+async def relay_picows(p: dict[str, Any]) -> dict[str, Any]:
+    """`relay` with the picows client (the default): setup over aiohttp, load over picows."""
+    from benchmarks import fastws
+    kind, pairs = p["target"], p["pairs"]
+    ws_base = p["base"].replace("http://", "ws://")
+    urls: list[tuple[str, str, str]] = []
+    if kind == "kisse":
+        async with make_session() as session:
+            api = Kisse(session, p["base"])
+            tag = unique("r")
+            users = await bounded_gather(16, [lambda i=i: api.register(f"{tag}_{i}") for i in range(2 * pairs)])
+            for u in users:
+                if isinstance(u, BaseException):
+                    raise u
+            convs = await bounded_gather(16, [lambda i=i: api.conversation(users[2 * i][0], users[2 * i + 1][1])
+                                              for i in range(pairs)])
+            urls = [(f"{ws_base}/ws?token={users[2 * i][0]}", f"{ws_base}/ws?token={users[2 * i + 1][0]}", convs[i])
+                    for i in range(pairs)]
+    else:
+        urls = [(f"{ws_base}/ws?pair={i}&side=a", f"{ws_base}/ws?pair={i}&side=b", f"c{i}") for i in range(pairs)]
+    out = await fastws.run(p, urls, CIPHERTEXT, lambda: CpuMeter(p["server_pid"]))
+    t_start, t_end = out["t_start"], out["t_end"]
+    window_lat = [lat for (t, lat) in out["deliveries"] if t_start <= t <= t_end]
+    return {"target": kind, "client": "picows", "pairs": pairs, "window": p["window"],
+            "measured_s": round(t_end - t_start, 3), "delivered": len(window_lat),
+            "msgs_per_s": round(len(window_lat) / (t_end - t_start), 1), "latency": latency_summary(window_lat),
+            "cpu": out["cpu"], "errors": out["errors"][:5], "error_count": len(out["errors"])}
+
+
+# -- idle connections ------------------------------------------------------------
+async def idle(p: dict[str, Any]) -> dict[str, Any]:
+    """Open `count` idle WebSockets (authenticated and synced for Kisse); RSS per connection."""
+    kind, count, pid = p["target"], p["count"], p["server_pid"]
+    async with make_session() as session:
+        api = Kisse(session, p["base"])
+        tokens: list[Any] = []
+        t0 = perf()
+        if kind == "kisse":
+            tag = unique("i")
+            tokens = await bounded_gather(16, [lambda i=i: api.register(f"{tag}_{i}") for i in range(count)])
+            tokens = [t[0] for t in tokens if not isinstance(t, BaseException)]
+        setup_s = perf() - t0
+        await asyncio.sleep(p["settle"])
+        rss_before = rss(pid)
+
+        async def one(i: int) -> Any:
+            if kind == "kisse":
+                return await api.connect(tokens[i])
+            return await session.ws_connect(f"{api.ws_base}/ws?pair={i}&side=a", compress=0, heartbeat=None)
+        t0 = perf()
+        results = await bounded_gather(64, [lambda i=i: one(i) for i in range(min(count, len(tokens)) if kind == "kisse" else count)])
+        connect_s = perf() - t0
+        sockets = [r for r in results if not isinstance(r, BaseException)]
+        failures = [repr(r)[:200] for r in results if isinstance(r, BaseException)]
+        await asyncio.sleep(2 * p["settle"])  # let presence updates and buffers settle
+        rss_after = rss(pid)
+        status = proc_status(pid)
+        await close_all(sockets)
+        opened = len(sockets)
+        return {"target": kind, "requested": count, "connected": opened, "failures": len(failures),
+                "first_failures": failures[:3], "setup_s": round(setup_s, 2), "connect_s": round(connect_s, 2),
+                "rss_before": rss_before, "rss_after": rss_after, "vm_hwm": status["VmHWM"],
+                "bytes_per_conn": round((rss_after - rss_before) / opened) if opened else None}
+
+
+# -- login storm -------------------------------------------------------------------
+async def login_storm(p: dict[str, Any]) -> dict[str, Any]:
+    """Ping RTT over WS while idle, then while `logins` bcrypt logins run concurrently."""
+    async with make_session() as session:
+        api = Kisse(session, p["base"])
+        tag = unique("l")
+        (token, _), (_, _) = await asyncio.gather(api.register(f"{tag}_p"), api.register(f"{tag}_s"))
+        ws = await api.connect(token)
+        pongs: dict[int, asyncio.Future[float]] = {}
+
+        async def reader() -> None:
+            async for msg in ws:
+                frame = json.loads(msg.data)
+                if frame["type"] == "pong":
+                    future = pongs.pop(frame["id"], None)
+                    if future is not None and not future.done():
+                        future.set_result(perf())
+
+        reader_task = asyncio.ensure_future(reader())
+        samples: list[tuple[float, float]] = []
+        counter = iter(range(10**9))
+        loop = asyncio.get_running_loop()
+
+        async def ping_until(stop: asyncio.Event, limit: int) -> None:
+            for _ in range(limit):
+                if stop.is_set():
+                    return
+                n = next(counter)
+                future: asyncio.Future[float] = loop.create_future()
+                pongs[n] = future
+                t0 = perf()
+                await ws.send_str('{"type":"ping","id":%d}' % n)
+                t1 = await asyncio.wait_for(future, 10)
+                samples.append((t0, t1 - t0))
+                await asyncio.sleep(p["interval"])
+
+        # Idle: the same pinging with nothing else going on.
+        idle_stop = asyncio.Event()
+        loop.call_later(p["idle_s"], idle_stop.set)
+        await ping_until(idle_stop, p["max_pings"])
+        idle_rtts = [rtt for _, rtt in samples]
+        samples.clear()
+
+        storm_stop = asyncio.Event()
+        pinger = asyncio.ensure_future(ping_until(storm_stop, p["max_pings"]))
+        meter = CpuMeter(p["server_pid"])
+        meter.start()
+        t_storm = perf()
+        statuses: list[Any] = []
+        async with make_session(limit=0) as storm_session:
+            async def login() -> int:
+                async with storm_session.post(p["base"] + "/api/auth/login",
+                                              json={"username": f"{tag}_s", "password": PASSWORD}) as r:
+                    await r.read()
+                    return r.status
+            statuses = await asyncio.wait_for(
+                asyncio.gather(*(login() for _ in range(p["logins"])), return_exceptions=True), p["timeout"])
+        t_done = perf()
+        cpu = meter.stop()
+        storm_stop.set()
+        await pinger
+        storm_rtts = [rtt for t0, rtt in samples if t_storm <= t0 <= t_done]
+        reader_task.cancel()
+        await ws.close()
+        ok = sum(1 for s in statuses if s == 200)
+        return {"logins": p["logins"], "logins_ok": ok, "storm_s": round(t_done - t_storm, 3),
+                "logins_per_s": round(ok / (t_done - t_storm), 2),
+                "idle": latency_summary(idle_rtts), "storm": latency_summary(storm_rtts), "cpu": cpu,
+                "statuses": sorted({str(s) for s in statuses})}
+
+
+# -- blob ------------------------------------------------------------------------------
+async def blob(p: dict[str, Any]) -> dict[str, Any]:
+    """Stream `size` bytes up to a message's content and back; server RSS growth each way."""
+    size, chunk, pid = p["size"], p["chunk"], p["server_pid"]
+    block = os.urandom(chunk)
+    async with make_session() as session:
+        api = Kisse(session, p["base"])
+        tag = unique("b")
+        (ta, _), (_, ub) = await asyncio.gather(api.register(f"{tag}_a"), api.register(f"{tag}_b"))
+        conv = await api.conversation(ta, ub)
+        message = (await api.call("POST", "/api/messages", ta, {"conversation_id": conv,
+                                                                 "client_message_id": "blob-1"}))["message"]
+        await asyncio.sleep(0.5)
+        auth = {"Authorization": f"Bearer {ta}"}
+        url = f"{p['base']}/api/messages/{message['id']}/content"
+
+        async def body() -> Any:
+            left = size
+            while left > 0:
+                piece = block if left >= chunk else block[:left]
+                left -= len(piece)
+                yield piece
+
+        rss_before = rss(pid)
+        sampler = RssSampler(pid)
+        sampler.start()
+        meter = CpuMeter(pid)
+        meter.start()
+        t0 = perf()
+        try:
+            async with session.post(url, data=body(), headers={**auth, "Content-Type": "application/octet-stream",
+                                                               "Content-Length": str(size)}) as r:
+                up_status, up_body = r.status, (await r.text())[:300]
+        except (aiohttp.ClientError, OSError) as error:  # the server may reset the connection mid-body
+            up_status, up_body = -1, repr(error)[:300]
+        up_s = perf() - t0
+        if up_status not in (200, 201):
+            sampler.stop()
+            return {"size": size, "upload_status": up_status, "upload_body": up_body, "failed": True}
+        up_cpu = meter.stop()
+        up_peak = max(sampler.peak, rss(pid))
+        await asyncio.sleep(0.5)
+        rss_after_up = rss(pid)
+        sampler.reset()
+        received = 0
+        meter.start()
+        t0 = perf()
+        async with session.get(url, headers=auth) as r:
+            down_status = r.status
+            async for piece in r.content.iter_chunked(1 << 20):
+                received += len(piece)
+        down_s = perf() - t0
+        down_cpu = meter.stop()
+        down_peak = max(sampler.stop(), rss(pid))
+        status = proc_status(pid)
+        upload_excess = up_peak - rss_before - (size if up_status in (200, 201) else 0)
+        return {"size": size, "upload_status": up_status, "upload_body": up_body if up_status >= 300 else "",
+                "download_status": down_status, "downloaded": received,
+                "upload_mb_s": round(size / MIB / up_s, 1), "download_mb_s": round(received / MIB / down_s, 1),
+                "rss_before": rss_before, "upload_peak_rss": up_peak, "rss_after_upload": rss_after_up,
+                "download_peak_rss": down_peak, "vm_hwm": status["VmHWM"],
+                "upload_growth_beyond_blob": upload_excess,
+                "download_growth": down_peak - rss_after_up,
+                "peak_growth_beyond_blob": max(upload_excess, down_peak - rss_after_up),
+                "cpu_upload": up_cpu, "cpu_download": down_cpu}
+
+
+# -- raw HTTP client --------------------------------------------------------------
+async def http_loop(port: int, request: bytes, stop_at: float, max_requests: int,
+                    out: list[float], statuses: dict[int, int]) -> None:
+    """One keep-alive connection issuing `request` back to back until time or count runs out."""
+    reader, writer = await asyncio.open_connection(HOST, port)
+    try:
+        for _ in range(max_requests):
+            if perf() >= stop_at:
+                return
+            t0 = perf()
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            status = int(head[9:12])
+            lower = head.lower()
+            at = lower.find(b"\r\ncontent-length:")
+            length = int(lower[at + 17:lower.find(b"\r\n", at + 2)]) if at >= 0 else 0
+            await reader.readexactly(length)
+            out.append(perf() - t0)
+            statuses[status] = statuses.get(status, 0) + 1
+    finally:
+        writer.close()
+
+
+def build_get(path: str, token: str | None = None) -> bytes:
+    lines = [f"GET {path} HTTP/1.1", f"Host: {HOST}"]
+    if token:
+        lines.append(f"Authorization: Bearer {token}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+async def http_load(port: int, requests: list[bytes], concurrency: int, duration: float, warmup: float,
+                    max_requests: int, server_pid: int) -> dict[str, Any]:
+    """Closed loop: `concurrency` connections, each sending its request back to back."""
+    if warmup > 0:
+        await asyncio.gather(*(http_loop(port, requests[i % len(requests)], perf() + warmup, 10**6, [], {})
+                               for i in range(concurrency)))
+    lat: list[float] = []
+    statuses: dict[int, int] = {}
+    meter = CpuMeter(server_pid)
+    meter.start()
+    t0 = perf()
+    await asyncio.gather(*(http_loop(port, requests[i % len(requests)], t0 + duration,
+                                     max(1, max_requests // concurrency), lat, statuses)
+                           for i in range(concurrency)))
+    elapsed = perf() - t0
+    return {"requests": len(lat), "req_per_s": round(len(lat) / elapsed, 1), "latency": latency_summary(lat),
+            "statuses": {str(k): v for k, v in statuses.items()}, "cpu": meter.stop(), "concurrency": concurrency}
+
+
+# -- history -----------------------------------------------------------------------
+async def history(p: dict[str, Any]) -> dict[str, Any]:
+    """Seed one conversation over WS with pipelined sends, then time pages of 50 over HTTP."""
+    total, window = p["messages"], p["window"]
+    async with make_session() as session:
+        api = Kisse(session, p["base"])
+        tag = unique("h")
+        (ta, _), (_, ub) = await asyncio.gather(api.register(f"{tag}_a"), api.register(f"{tag}_b"))
+        conv = await api.conversation(ta, ub)
+        ws = await api.connect(ta)
+        gate = asyncio.Semaphore(window)
+        acked = 0
+        errors: list[str] = []
+        done = asyncio.Event()
+
+        async def reader() -> None:
+            nonlocal acked
+            async for msg in ws:
+                if msg.data.startswith('{"type":"ack"'):
+                    acked += 1
+                    gate.release()
+                elif msg.data.startswith('{"type":"error"'):
+                    errors.append(msg.data[:300])
+                    acked += 1
+                    gate.release()
+                if acked >= total:
+                    done.set()
+
+        reader_task = asyncio.ensure_future(reader())
+        t0 = perf()
+        deadline = t0 + p["seed_timeout"]
+        for k in range(total):
+            await gate.acquire()
+            if perf() > deadline:
+                break
+            await ws.send_str('{"type":"message.send","id":%d,"data":{"conversation_id":"%s",'
+                              '"client_message_id":"h%d","ciphertext":"%s"}}' % (k, conv, k, CIPHERTEXT))
+        try:
+            await asyncio.wait_for(done.wait(), max(1.0, deadline - perf()))
+        except asyncio.TimeoutError:
+            pass
+        seed_s = perf() - t0
+        reader_task.cancel()
+        await ws.close()
+        seeded = acked - len(errors)
+        rng = random.Random(8)
+        n = p["requests"]
+        latest = [build_get(f"/api/conversations/{conv}/messages?limit=50", ta)]
+        deep = [build_get(f"/api/conversations/{conv}/messages?limit=50&before={rng.randint(51, max(52, seeded))}", ta)
+                for _ in range(min(n, 1000))]
+        port = int(p["base"].rsplit(":", 1)[1])
+        latest_r = await http_load(port, latest, 1, p["duration"], 0.3, n, p["server_pid"])
+        deep_r = await http_load(port, deep, 1, p["duration"], 0.3, n, p["server_pid"])
+        return {"seeded": seeded, "seed_s": round(seed_s, 2), "seed_msgs_per_s": round(seeded / seed_s, 1),
+                "seed_errors": errors[:3], "latest_page": latest_r, "random_page": deep_r,
+                "rss_after_seed": rss(p["server_pid"])}
+
+
+# -- REST ----------------------------------------------------------------------------
+async def rest(p: dict[str, Any]) -> dict[str, Any]:
+    """Authenticated GET /api/conversations (Kisse) or GET /json (bare) at `concurrency` connections."""
+    port = int(p["base"].rsplit(":", 1)[1])
+    if p["target"] == "kisse":
+        async with make_session() as session:
+            api = Kisse(session, p["base"])
+            tag = unique("q")
+            users = await asyncio.gather(*(api.register(f"{tag}_{i}") for i in range(1 + p["conversations"])))
+            me = users[0]
+            for i, (token, _) in enumerate(users[1:]):
+                conv = await api.conversation(token, me[1])
+                await api.call("POST", "/api/messages", token, {"conversation_id": conv,
+                                                                "client_message_id": f"q{i}",
+                                                                "ciphertext": CIPHERTEXT})
+        request = build_get("/api/conversations", me[0])
+    else:
+        request = build_get("/json")
+    result = await http_load(port, [request], p["concurrency"], p["duration"], p["warmup"], p["max_requests"],
+                             p["server_pid"])
+    return {"target": p["target"], **result}
+
+
+SCENARIOS: dict[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]] = {
+    "relay": relay, "idle": idle, "login_storm": login_storm, "blob": blob, "history": history, "rest": rest,
+}
+
+
+def main() -> None:
+    raise_nofile()
+    scenario, params_path, result_path = sys.argv[1:4]
+    with open(params_path) as f:
+        params = json.load(f)
+    assert params["base"].startswith(f"http://{HOST}:"), "benchmarks only target 127.0.0.1"
+    result = asyncio.run(SCENARIOS[scenario](params))
+    with open(result_path, "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main()

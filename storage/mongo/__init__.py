@@ -1,0 +1,262 @@
+"""The MongoDB backend: PyMongo's async API (`AsyncMongoClient`) and GridFS.
+
+Motor is deprecated; PyMongo's own async API is its successor and the only
+driver used here. One `MongoStorage(url)` per process: the database comes from
+the URL path (default `kisse`). Collections:
+
+* `users` - `_id`, username, `username_lower` (unique), display_name, password_hash, created_at
+* `conversations` - the conversation record plus `direct_key` ("<a>:<b>", unique, direct only)
+* `messages` - message records; unique `(conversation_id, seq)` and `(sender_id, client_message_id)`
+* `message_ids` - in-flight send reservations (see `storage.mongo.messages`)
+* `receipts` - one cursor document per (conversation, user), `_id` "<conversation>:<user>"
+* `user_presence` - `_id` = user id
+* `calls`, `call_lines` - see `storage.mongo.calls`
+* `meta` - schema version and migration lock (see `storage.mongo.migrations`)
+* GridFS bucket `encrypted_content` - blobs (see `storage.mongo.blobs`)
+
+Writes that hand out numbers or decide races (conversations, messages,
+message_ids, calls, call_lines) use majority write concern unless the URL
+sets `w=`, so a failover cannot roll back a seq or a call transition.
+"""
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import datetime, timezone
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+import pymongo.errors as errors
+from gridfs import AsyncGridFSBucket
+from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, ReturnDocument, WriteConcern
+from pymongo.errors import DuplicateKeyError
+
+from storage.base import (
+    BlobWriter, ReceiptKind, Record, Storage, StorageUnavailable, UsernameTaken, new_id, utcnow,
+)
+from storage.mongo import blobs, migrations, records
+from storage.mongo.calls import CallsMixin
+from storage.mongo.messages import MessagesMixin
+
+__all__ = ["MongoStorage"]
+
+# Client options used unless the URL sets them (URL options win).
+DEFAULT_OPTIONS: dict[str, Any] = {
+    "serverSelectionTimeoutMS": 3000,
+    "connectTimeoutMS": 3000,
+    "socketTimeoutMS": 10000,
+    "retryWrites": True,
+    "retryReads": True,
+    "appname": "kisse",
+}
+CRITICAL_COLLECTIONS = ("conversations", "messages", "message_ids", "calls", "call_lines")
+
+
+def client_options(url: str) -> dict[str, Any]:
+    """Keyword options for `AsyncMongoClient(url, ...)`: the defaults the URL does
+    not override (keywords would beat URL options), plus timezone-aware UTC dates."""
+    given = {key.lower() for key, _ in parse_qsl(urlsplit(url).query)}
+    options = {k: v for k, v in DEFAULT_OPTIONS.items() if k.lower() not in given}
+    options.update(tz_aware=True, tzinfo=timezone.utc)
+    return options
+
+
+class MongoStorage(MessagesMixin, CallsMixin, Storage):
+    """Kisse's storage on MongoDB (or anything speaking its wire protocol)."""
+
+    unavailable_errors = (
+        StorageUnavailable,
+        errors.ConnectionFailure,          # AutoReconnect, NotPrimaryError, NetworkTimeout, ...
+        errors.ServerSelectionTimeoutError,
+        errors.NetworkTimeout,
+        errors.AutoReconnect,
+        errors.WaitQueueTimeoutError,
+        errors.ExecutionTimeout,
+        errors.WTimeoutError,              # majority not reached in time
+    )
+
+    def __init__(self, url: str, **options: Any) -> None:
+        self.url = url
+        self._client: AsyncMongoClient = AsyncMongoClient(url, **{**client_options(url), **options})
+        self.db = self._client.get_default_database(default="kisse")
+        url_sets_w = any(k.lower() == "w" for k, _ in parse_qsl(urlsplit(url).query))
+        majority = None if url_sets_w else WriteConcern("majority")
+
+        def collection(name: str):
+            return self.db.get_collection(name, write_concern=majority if name in CRITICAL_COLLECTIONS else None)
+
+        self._users = collection("users")
+        self._conversations = collection("conversations")
+        self._messages = collection("messages")
+        self._message_ids = collection("message_ids")
+        self._receipts = collection("receipts")
+        self._presence = collection("user_presence")
+        self._calls = collection("calls")
+        self._lines = collection("call_lines")
+        self._bucket = AsyncGridFSBucket(self.db, bucket_name=blobs.BUCKET_NAME)
+        self.stats: dict[str, int] = {"blob_writes": 0, "largest_blob_write": 0}
+
+    # -- lifecycle -----------------------------------------------------------
+    async def start(self) -> None:
+        """Run pending migrations (safe when several processes start at once)."""
+        await migrations.migrate(self.db)
+
+    async def ping(self) -> None:
+        try:
+            await self.db.command("ping")
+        except errors.PyMongoError as exc:
+            raise StorageUnavailable(f"MongoDB unreachable: {type(exc).__name__}") from exc
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    # -- users ---------------------------------------------------------------
+    async def create_user(self, username: str, password_hash: str, display_name: str) -> Record:
+        doc = {"_id": new_id(), "username": username, "username_lower": username.lower(),
+               "display_name": display_name, "created_at": utcnow(), "password_hash": password_hash}
+        try:
+            await self._users.insert_one(doc)
+        except DuplicateKeyError:
+            raise UsernameTaken(username) from None
+        return records.user(doc)
+
+    async def get_user(self, user_id: str) -> Record | None:
+        doc = await self._users.find_one({"_id": user_id})
+        return records.user(doc) if doc else None
+
+    async def get_users(self, user_ids: list[str]) -> list[Record]:
+        wanted = list(dict.fromkeys(user_ids))
+        if not wanted:
+            return []
+        return [records.user(d) for d in await self._users.find({"_id": {"$in": wanted}}).to_list()]
+
+    async def get_credentials(self, username: str) -> tuple[Record, str] | None:
+        doc = await self._users.find_one({"username_lower": username.lower()})
+        return (records.user(doc), doc["password_hash"]) if doc else None
+
+    async def search_users(self, prefix: str, limit: int, after: str | None = None) -> list[Record]:
+        if limit <= 0:
+            return []
+        # A range scan on the unique index: [prefix, prefix with its last char bumped).
+        bounds: dict[str, Any] = {"$gte": prefix}
+        if prefix and ord(prefix[-1]) < 0x10FFFF:
+            bounds["$lt"] = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+        if after is not None:
+            bounds["$gt"] = after
+        cursor = self._users.find({"username_lower": bounds}, sort=[("username_lower", ASCENDING)],
+                                  limit=limit)
+        return [records.user(d) for d in await cursor.to_list() if d["username_lower"].startswith(prefix)]
+
+    # -- conversations -------------------------------------------------------
+    def _new_conversation(self, kind: str, creator_id: str, participant_ids: list[str],
+                          title: str | None) -> dict[str, Any]:
+        now = utcnow()
+        return {"_id": new_id(), "kind": kind, "participant_ids": list(participant_ids), "title": title,
+                "created_by": creator_id, "created_at": now, "last_activity_at": now, "last_seq": 0,
+                "last_message": None}
+
+    async def get_or_create_direct(self, user_a: str, user_b: str) -> tuple[Record, bool]:
+        pair = [min(user_a, user_b), max(user_a, user_b)]
+        key = ":".join(pair)
+        existing = await self._conversations.find_one({"direct_key": key})
+        if existing is not None:
+            return records.conversation(existing), False
+        doc = self._new_conversation("direct", user_a, pair, None)
+        doc["direct_key"] = key
+        try:
+            await self._conversations.insert_one(doc)
+        except DuplicateKeyError:  # lost the race to create it
+            existing = await self._conversations.find_one({"direct_key": key})
+            if existing is None:
+                raise
+            return records.conversation(existing), False
+        return records.conversation(doc), True
+
+    async def create_group(self, creator_id: str, participant_ids: list[str], title: str | None) -> Record:
+        doc = self._new_conversation("group", creator_id, participant_ids, title)
+        await self._conversations.insert_one(doc)
+        return records.conversation(doc)
+
+    async def get_conversation(self, conversation_id: str) -> Record | None:
+        doc = await self._conversations.find_one({"_id": conversation_id})
+        return records.conversation(doc) if doc else None
+
+    async def list_conversations(self, user_id: str, limit: int,
+                                 before: tuple[datetime, str] | None = None) -> list[Record]:
+        if limit <= 0:
+            return []
+        query: dict[str, Any] = {"participant_ids": user_id}
+        if before is not None:
+            at, last_id = before
+            query["$or"] = [{"last_activity_at": {"$lt": at}},
+                            {"last_activity_at": at, "_id": {"$lt": last_id}}]
+        cursor = self._conversations.find(
+            query, sort=[("last_activity_at", DESCENDING), ("_id", DESCENDING)], limit=limit)
+        return [records.conversation(d) for d in await cursor.to_list()]
+
+    async def contact_ids(self, user_id: str) -> set[str]:
+        contacts: set[str] = set()
+        async for doc in self._conversations.find({"participant_ids": user_id},
+                                                  projection={"participant_ids": 1}):
+            contacts.update(doc["participant_ids"])
+        contacts.discard(user_id)
+        return contacts
+
+    # -- receipts ------------------------------------------------------------
+    async def advance_receipt(self, conversation_id: str, user_id: str, kind: ReceiptKind,
+                              seq: int) -> Record:
+        # $max never moves a cursor back; on insert it also creates the field.
+        update = {"$max": {"delivered_seq": seq, "read_seq": seq if kind == "read" else 0},
+                  "$setOnInsert": {"conversation_id": conversation_id, "user_id": user_id}}
+        key = f"{conversation_id}:{user_id}"
+        for attempt in range(2):
+            try:
+                doc = await self._receipts.find_one_and_update(
+                    {"_id": key}, update, upsert=True, return_document=ReturnDocument.AFTER)
+                break
+            except DuplicateKeyError:  # two first receipts raced on the upsert
+                if attempt:
+                    raise
+        return {"user_id": user_id, "delivered_seq": doc["delivered_seq"], "read_seq": doc["read_seq"]}
+
+    async def get_receipts(self, conversation_id: str) -> dict[str, Record]:
+        cursor = self._receipts.find({"conversation_id": conversation_id})
+        return {d["user_id"]: {"user_id": d["user_id"], "delivered_seq": d["delivered_seq"],
+                               "read_seq": d["read_seq"]} async for d in cursor}
+
+    # -- blobs ---------------------------------------------------------------
+    async def open_blob_writer(self, max_size: int) -> BlobWriter:
+        return blobs.MongoBlobWriter(self._bucket, max_size, self.stats)
+
+    def read_blob(self, blob_id: str, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+        return blobs.read_blob(self._bucket, blob_id, start, end)
+
+    async def delete_blob(self, blob_id: str) -> None:
+        await blobs.delete_blob(self._bucket, blob_id)
+
+    # -- presence ------------------------------------------------------------
+    async def get_presence(self, user_id: str) -> Record | None:
+        doc = await self._presence.find_one({"_id": user_id})
+        return _presence(doc) if doc else None
+
+    async def set_presence(self, user_id: str, *, status: str | None = None,
+                           last_seen: datetime | None = None) -> Record:
+        changes = {k: v for k, v in (("status", status), ("last_seen", last_seen)) if v is not None}
+        defaults = {k: v for k, v in (("status", "online"), ("last_seen", None)) if k not in changes}
+        update: dict[str, Any] = {}
+        if changes:
+            update["$set"] = changes
+        if defaults:
+            update["$setOnInsert"] = defaults
+        for attempt in range(2):
+            try:
+                doc = await self._presence.find_one_and_update(
+                    {"_id": user_id}, update, upsert=True, return_document=ReturnDocument.AFTER)
+                break
+            except DuplicateKeyError:  # two first updates raced on the upsert
+                if attempt:
+                    raise
+        return _presence(doc)
+
+
+def _presence(doc: dict[str, Any]) -> Record:
+    return {"user_id": doc["_id"], "status": doc.get("status", "online"), "last_seen": doc.get("last_seen")}

@@ -1,0 +1,506 @@
+"""The machine-readable specs stay valid and in step with the code.
+
+- docs/openapi.yaml is a valid OpenAPI 3.1 document (openapi-spec-validator),
+  its examples match their schemas, and its paths and methods are exactly the
+  routes the app serves (no drift either way).
+- docs/asyncapi.yaml is checked structurally (no maintained AsyncAPI 3
+  validator exists on PyPI, and none ships the official JSON schema): version,
+  every `$ref` resolves, every request type of kisse/protocol.py and every
+  server frame has a message with a payload schema and a valid example, the
+  request `data` schemas equal the server's, and the schemas shared with
+  openapi.yaml are identical.
+- A live pass drives the real app (memory storage) through every route and
+  most WebSocket frames and validates each response and frame against the specs.
+"""
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import re
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import tornado.web
+import yaml
+from jsonschema import Draft202012Validator, FormatChecker
+from openapi_spec_validator import validate as validate_openapi
+from referencing import Registry, Resource
+from referencing.jsonschema import DRAFT202012
+
+from handlers import default_handlers
+from kisse import protocol
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+OPENAPI = yaml.safe_load((DOCS / "openapi.yaml").read_text())
+ASYNCAPI = yaml.safe_load((DOCS / "asyncapi.yaml").read_text())
+HTTP_METHODS = ("get", "post", "put", "patch", "delete", "head", "options")
+# Routes served but documented elsewhere: the WebSocket lives in asyncapi.yaml.
+NOT_IN_OPENAPI = {"/ws"}
+# Frames the server sends: replies, then pushed events.
+SERVER_FRAMES = ("ack", "error", "pong", "message.new", "message.receipt", "conversation.new",
+                 "typing.start", "typing.stop", "presence", "call.incoming", "call.state",
+                 "call.answered_elsewhere", "call.offer", "call.answer", "call.ice", "call.hangup")
+
+
+# -- helpers -----------------------------------------------------------------
+def _rebase(node: Any, base: str) -> Any:
+    """A copy of `node` whose local `$ref`s point into the document at `base`."""
+    if isinstance(node, dict):
+        return {k: (base + v if k == "$ref" and isinstance(v, str) and v.startswith("#") else _rebase(v, base))
+                for k, v in node.items()}
+    if isinstance(node, list):
+        return [_rebase(v, base) for v in node]
+    return node
+
+
+_REGISTRY = Registry().with_resources([
+    ("urn:kisse:openapi", Resource.from_contents(OPENAPI, default_specification=DRAFT202012)),
+    ("urn:kisse:asyncapi", Resource.from_contents(ASYNCAPI, default_specification=DRAFT202012)),
+])
+
+
+def validator(schema: dict, base: str) -> Draft202012Validator:
+    return Draft202012Validator(_rebase(schema, base), registry=_REGISTRY, format_checker=FormatChecker())
+
+
+def resolve(document: dict, ref: str) -> Any:
+    node: Any = document
+    for part in ref.removeprefix("#/").split("/"):
+        node = node[part.replace("~1", "/").replace("~0", "~")]
+    return node
+
+
+def deref(document: dict, node: Any) -> Any:
+    while isinstance(node, dict) and "$ref" in node:
+        node = resolve(document, node["$ref"])
+    return node
+
+
+def all_refs(node: Any) -> list[str]:
+    if isinstance(node, dict):
+        found = [node["$ref"]] if isinstance(node.get("$ref"), str) else []
+        return found + [r for v in node.values() for r in all_refs(v)]
+    if isinstance(node, list):
+        return [r for v in node for r in all_refs(v)]
+    return []
+
+
+def strip_docs(node: Any) -> Any:
+    """A schema without its documentation-only keywords."""
+    if isinstance(node, dict):
+        return {k: strip_docs(v) for k, v in node.items() if k not in ("description", "examples", "example")}
+    if isinstance(node, list):
+        return [strip_docs(v) for v in node]
+    return node
+
+
+# -- route drift ---------------------------------------------------------------
+def _expand(pattern: str) -> list[str]:
+    """Route regex → OpenAPI-style templates with anonymous `{}` parameters.
+
+    `([^/]+)` is a parameter; `(a|b)` is a literal alternation and becomes one
+    template per alternative."""
+    pattern = pattern.removeprefix("^").removesuffix("$")
+    match = re.search(r"\(([^()]*)\)", pattern)
+    if match is None:
+        return [pattern.replace("\\", "")]
+    group = match.group(1)
+    head, tail = pattern[:match.start()], pattern[match.end():]
+    if group == "[^/]+":
+        return [t for t in _expand(head + "\0" + tail)]
+    return [t for alt in group.split("|") for t in _expand(head + alt + tail)]
+
+
+def served_routes() -> dict[str, set[str]]:
+    """`{template with {} params: {methods}}` for every route the app registers."""
+    routes: dict[str, set[str]] = {}
+    for pattern, handler in default_handlers:
+        methods = {m for m in HTTP_METHODS
+                   if getattr(handler, m, None) is not getattr(tornado.web.RequestHandler, m, None)}
+        for template in _expand(pattern):
+            routes.setdefault(template.replace("\0", "{}"), set()).update(methods)
+    return routes
+
+
+def documented_routes() -> dict[str, set[str]]:
+    return {re.sub(r"\{[^}]+\}", "{}", path): {m for m in item if m in HTTP_METHODS}
+            for path, item in OPENAPI["paths"].items()}
+
+
+def test_route_conversion() -> None:
+    assert _expand(r"/api/calls/([^/]+)/(accept|reject)") == ["/api/calls/\0/accept", "/api/calls/\0/reject"]
+
+
+def test_every_served_route_is_documented() -> None:
+    served = {p: m for p, m in served_routes().items() if p not in NOT_IN_OPENAPI}
+    documented = documented_routes()
+    missing = sorted(set(served) - set(documented))
+    assert not missing, f"routes served but not in docs/openapi.yaml: {missing}"
+    for path, methods in served.items():
+        assert methods == documented[path], f"{path}: served {sorted(methods)}, documented {sorted(documented[path])}"
+
+
+def test_every_documented_route_is_served() -> None:
+    served = served_routes()
+    stale = sorted(set(documented_routes()) - set(served))
+    if stale == ["/metrics"]:
+        pytest.xfail("/metrics is documented but not served yet (the lead is adding it)")
+    assert not stale, f"paths in docs/openapi.yaml that the app does not serve: {stale}"
+
+
+def test_ws_route_is_the_asyncapi_channel() -> None:
+    assert "/ws" in served_routes()
+    assert ASYNCAPI["channels"]["gateway"]["address"] == "/ws"
+
+
+# -- OpenAPI ---------------------------------------------------------------------
+def test_openapi_is_valid() -> None:
+    assert OPENAPI["openapi"].startswith("3.1")
+    validate_openapi(OPENAPI)
+
+
+def _media_examples():
+    for path, item in OPENAPI["paths"].items():
+        for method, operation in item.items():
+            if method not in HTTP_METHODS:
+                continue
+            bodies = [("request", deref(OPENAPI, operation.get("requestBody", {})))]
+            bodies += [(status, deref(OPENAPI, r)) for status, r in operation["responses"].items()]
+            for where, body in bodies:
+                for media, content in (body or {}).get("content", {}).items():
+                    if "example" in content and media == "application/json":
+                        yield f"{method.upper()} {path} {where}", content["schema"], content["example"]
+    for name, schema in OPENAPI["components"]["schemas"].items():
+        if "example" in schema:
+            yield f"components/schemas/{name}", {"$ref": f"#/components/schemas/{name}"}, schema["example"]
+
+
+@pytest.mark.parametrize("where,schema,example", list(_media_examples()), ids=lambda v: v if isinstance(v, str) else "")
+def test_openapi_examples_match_their_schemas(where: str, schema: dict, example: Any) -> None:
+    validator(schema, "urn:kisse:openapi").validate(example)
+
+
+def test_openapi_refs_resolve() -> None:
+    for ref in all_refs(OPENAPI):
+        assert ref.startswith("#/"), ref
+        resolve(OPENAPI, ref)
+
+
+# -- AsyncAPI ----------------------------------------------------------------------
+ASYNCAPI_SHAPE = {
+    "type": "object",
+    "required": ["asyncapi", "info", "channels", "operations", "components"],
+    "properties": {
+        "asyncapi": {"const": "3.0.0"},
+        "info": {"type": "object", "required": ["title", "version"]},
+        "servers": {"type": "object", "additionalProperties": {
+            "type": "object", "required": ["host", "protocol"],
+            "properties": {"protocol": {"enum": ["ws", "wss"]}}}},
+        "channels": {"type": "object", "minProperties": 1, "additionalProperties": {
+            "type": "object", "required": ["address", "messages"],
+            "properties": {"messages": {"type": "object", "additionalProperties": {
+                "type": "object", "required": ["$ref"]}}}}},
+        "operations": {"type": "object", "additionalProperties": {
+            "type": "object", "required": ["action", "channel", "messages"],
+            "properties": {"action": {"enum": ["send", "receive"]},
+                           "channel": {"type": "object", "required": ["$ref"],
+                                       "properties": {"$ref": {"pattern": "^#/channels/"}}},
+                           "messages": {"type": "array", "minItems": 1, "items": {
+                               "type": "object", "required": ["$ref"],
+                               "properties": {"$ref": {"pattern": "^#/channels/[^/]+/messages/"}}}},
+                           "reply": {"type": "object", "required": ["messages"]}}}},
+        "components": {"type": "object", "required": ["messages", "schemas"], "properties": {
+            "messages": {"type": "object", "additionalProperties": {
+                "type": "object", "required": ["name", "payload", "examples"],
+                "properties": {"examples": {"type": "array", "minItems": 1, "items": {
+                    "type": "object", "required": ["payload"]}}}}},
+            "securitySchemes": {"type": "object", "additionalProperties": {
+                "type": "object", "required": ["type"]}}}},
+    },
+}
+
+
+def test_asyncapi_shape() -> None:
+    Draft202012Validator(ASYNCAPI_SHAPE).validate(ASYNCAPI)
+    for ref in all_refs(ASYNCAPI):
+        assert ref.startswith("#/"), ref
+        resolve(ASYNCAPI, ref)
+
+
+def asyncapi_messages(action: str) -> dict[str, list[dict]]:
+    """`{frame type: [message objects]}` the server receives or sends."""
+    found: dict[str, list[dict]] = {}
+    for operation in ASYNCAPI["operations"].values():
+        refs = []
+        if operation["action"] == action:
+            refs += operation["messages"]
+        if action == "send" and "reply" in operation:
+            refs += operation["reply"]["messages"]
+        for ref in refs:
+            message = deref(ASYNCAPI, ref)
+            kind = message["payload"]["properties"]["type"]["const"]
+            if message not in found.setdefault(kind, []):
+                found[kind].append(message)
+    return found
+
+
+def test_every_request_type_is_documented() -> None:
+    documented = asyncapi_messages("receive")
+    assert set(documented) == set(protocol.REQUESTS)
+    for kind, (message, *others) in documented.items():
+        assert not others, f"{kind}: more than one request message"
+        data = message["payload"]["properties"]["data"]
+        assert strip_docs(deref(ASYNCAPI, data)) == protocol.REQUESTS[kind], \
+            f"{kind}: data schema differs from kisse/protocol.py REQUESTS"
+
+
+def test_every_server_frame_is_documented() -> None:
+    assert set(asyncapi_messages("send")) == set(SERVER_FRAMES)
+
+
+def _asyncapi_examples():
+    for key, message in ASYNCAPI["components"]["messages"].items():
+        for example in message["examples"]:
+            yield key, message["payload"], example["payload"]
+
+
+@pytest.mark.parametrize("key,schema,example", list(_asyncapi_examples()), ids=lambda v: v if isinstance(v, str) else "")
+def test_asyncapi_examples_match_their_payloads(key: str, schema: dict, example: Any) -> None:
+    validator(schema, "urn:kisse:asyncapi").validate(example)
+    if key.endswith("Request"):  # and the server accepts it as it is
+        kind, _, data = protocol.parse(json.dumps(example))
+        assert kind == example["type"] and data == example.get("data", {})
+
+
+def test_shared_schemas_are_identical() -> None:
+    ours, theirs = ASYNCAPI["components"]["schemas"], OPENAPI["components"]["schemas"]
+    for name in set(ours) & set(theirs):
+        assert ours[name] == theirs[name], f"components/schemas/{name} differs between the specs"
+    for ref in all_refs(ASYNCAPI["components"]["schemas"]):
+        assert ref.removeprefix("#/components/schemas/") in ours, ref
+
+
+def test_close_codes_are_documented() -> None:
+    codes = ASYNCAPI["channels"]["gateway"]["x-close-codes"]
+    for code in (protocol.CLOSE_GOING_AWAY, protocol.CLOSE_TOO_BIG, protocol.CLOSE_TOKEN_EXPIRED,
+                 protocol.CLOSE_SLOW_CONSUMER):
+        assert str(code) in codes
+        assert f"| {code} |" in ASYNCAPI["info"]["description"]
+
+
+# -- live conformance -----------------------------------------------------------------
+_TEMPLATES = [(re.compile("^" + re.sub(r"\\\{[^}]+\\\}", "[^/]+", re.escape(p)) + "$"), p)
+              for p in OPENAPI["paths"]]
+
+
+def _template(path: str) -> str:
+    # Literal paths win over templated ones, as in the route table (/api/calls/active).
+    for regex, template in sorted(_TEMPLATES, key=lambda t: t[1].count("{")):
+        if regex.match(path):
+            return template
+    raise AssertionError(f"{path} matches no path in openapi.yaml")
+
+
+class Checked:
+    """Wraps the test `Api`: every JSON answer is checked against openapi.yaml."""
+
+    def __init__(self, api: Any) -> None:
+        self.api = api
+        self.seen: set[tuple[str, str, int]] = set()
+
+    async def call(self, method: str, path: str, token: str | None = None, **kwargs: Any) -> tuple[int, Any]:
+        status, body = await self.api.call(method, path, token, **kwargs)
+        template = _template(urlsplit(path).path)
+        operation = OPENAPI["paths"][template].get(method.lower())
+        assert operation is not None, f"{method} {template} is not documented"
+        response = operation["responses"].get(str(status))
+        assert response is not None, f"{method} {template} answered undocumented {status}: {body!r}"
+        content = deref(OPENAPI, response).get("content", {})
+        if "application/json" in content:
+            assert isinstance(body, (dict, list)), f"{method} {template} {status}: not JSON"
+            validator(content["application/json"]["schema"], "urn:kisse:openapi").validate(body)
+        self.seen.add((method, template, status))
+        return status, body
+
+
+def _check_frame(frame: dict, direction: str = "send") -> None:
+    messages = asyncapi_messages(direction).get(frame["type"])
+    assert messages, f"undocumented {direction} frame {frame['type']}"
+    errors = [list(validator(m["payload"], "urn:kisse:asyncapi").iter_errors(frame)) for m in messages]
+    assert any(not e for e in errors), f"{frame} does not match asyncapi.yaml: {errors}"
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_live_rest_responses_match_openapi(api) -> None:
+    from tests.client import Api  # noqa: F401  (the fixture's type)
+    c = Checked(api)
+    assert (await c.call("GET", "/healthz"))[0] == 200
+    assert (await c.call("GET", "/readyz"))[0] == 200
+
+    _, alice = await c.call("POST", "/api/auth/register", body={"username": "spec_alice", "password": "password123",
+                                                                "display_name": "Alice"})
+    _, bob = await c.call("POST", "/api/auth/register", body={"username": "spec_bob", "password": "password123"})
+    _, carol = await c.call("POST", "/api/auth/register", body={"username": "spec_carol", "password": "password123"})
+    ta, tb, tc = alice["token"], bob["token"], carol["token"]
+    alice, bob, carol = alice["user"], bob["user"], carol["user"]
+    assert (await c.call("POST", "/api/auth/register", body={"username": "spec_alice", "password": "password123"}))[0] == 409
+    assert (await c.call("POST", "/api/auth/register", body={"username": "x", "password": "password123"}))[0] == 400
+    assert (await c.call("POST", "/api/auth/register", raw=b"{nope"))[0] == 400
+    assert (await c.call("POST", "/api/auth/login", body={"username": "spec_bob", "password": "password123"}))[0] == 200
+    assert (await c.call("POST", "/api/auth/login", body={"username": "spec_bob", "password": "wrong-pass"}))[0] == 401
+    assert (await c.call("GET", "/api/auth/me", ta))[0] == 200
+    assert (await c.call("GET", "/api/auth/me"))[0] == 401
+    assert (await c.call("GET", "/api/auth/me", "not-a-jwt"))[0] == 401
+
+    assert (await c.call("GET", "/api/users?q=spec_&limit=1", ta))[1]["next_after"] is not None
+    assert (await c.call("GET", "/api/users?limit=0", ta))[0] == 400
+    assert (await c.call("GET", f"/api/users/{bob['id']}", ta))[0] == 200
+    assert (await c.call("GET", "/api/users/nobody", ta))[0] == 404
+
+    status, body = await c.call("POST", "/api/conversations", ta, body={"participant_ids": [bob["id"]]})
+    assert status == 201
+    conv = body["conversation"]
+    assert (await c.call("POST", "/api/conversations", ta, body={"participant_ids": [bob["id"]]}))[0] == 200
+    assert (await c.call("POST", "/api/conversations", ta,
+                         body={"participant_ids": [bob["id"], carol["id"]], "title": "g"}))[0] == 201
+    assert (await c.call("POST", "/api/conversations", ta, body={"participant_ids": ["ghost"]}))[0] == 400
+    assert (await c.call("POST", "/api/conversations", ta, body={}))[0] == 400
+    assert (await c.call("GET", "/api/conversations?limit=1", ta))[1]["next_before"] is not None
+    assert (await c.call("GET", "/api/conversations?before=junk", ta))[0] == 400
+    assert (await c.call("GET", f"/api/conversations/{conv['id']}", ta))[0] == 200
+    assert (await c.call("GET", f"/api/conversations/{conv['id']}", tc))[0] == 404
+
+    status, body = await c.call("POST", "/api/messages", ta, body={"conversation_id": conv["id"],
+                                                                   "client_message_id": "m1", "ciphertext": "q83vEjRWeJA="})
+    assert status == 201
+    inline = body["message"]
+    assert (await c.call("POST", "/api/messages", ta, body={"conversation_id": conv["id"],
+                                                            "client_message_id": "m1"}))[0] == 200
+    assert (await c.call("POST", "/api/messages", ta, body={"conversation_id": conv["id"], "client_message_id": "m2",
+                                                            "ciphertext": "not base64!"}))[0] == 400
+    assert (await c.call("POST", "/api/messages", tc, body={"conversation_id": conv["id"],
+                                                            "client_message_id": "m3"}))[0] == 404
+    _, body = await c.call("POST", "/api/messages", ta, body={"conversation_id": conv["id"], "client_message_id": "m4"})
+    blob_message = body["message"]
+    history = f"/api/conversations/{conv['id']}/messages"
+    assert (await c.call("GET", history + "?limit=1", ta))[1]["has_more"] is True
+    assert (await c.call("GET", history + "?after=0&before=2", ta))[0] == 400
+    assert (await c.call("GET", history + "?after=1", tb))[0] == 200
+
+    content = f"/api/messages/{blob_message['id']}/content"
+    assert (await c.call("GET", content, ta))[0] == 404
+    assert (await c.call("POST", content, ta, raw=b"\x00" * 1000))[0] == 201
+    assert (await c.call("POST", content, ta, raw=b"\x00" * 1000))[0] == 200
+    assert (await c.call("POST", content, ta, raw=b"\x01" * 1000))[0] == 409
+    assert (await c.call("POST", content, tb, raw=b"\x00"))[0] == 403
+    assert (await c.call("POST", f"/api/messages/{inline['id']}/content", ta, raw=b"\x00"))[0] == 409
+    assert (await c.call("GET", content, tb))[0] == 200
+    assert (await c.call("GET", content, tb, headers={"Range": "bytes=10-19"})) == (206, b"\x00" * 10)
+    assert (await c.call("GET", content, tb, headers={"Range": "bytes=5000-"}))[0] == 416
+    assert (await c.call("GET", f"/api/messages/{inline['id']}/content", tb))[0] == 200
+
+    assert (await c.call("POST", f"/api/messages/{inline['id']}/delivered", tb))[0] == 200
+    assert (await c.call("POST", f"/api/messages/{blob_message['id']}/read", tb, body={}))[0] == 200
+    assert (await c.call("POST", f"/api/messages/{inline['id']}/read", tb, body={"x": 1}))[0] == 400
+    assert (await c.call("POST", f"/api/messages/{inline['id']}/read", tc))[0] == 404
+    assert (await c.call("GET", f"/api/messages/{inline['id']}/receipts", ta))[0] == 200
+
+    assert (await c.call("POST", "/api/presence", tb, body={"status": "away"}))[0] == 200
+    assert (await c.call("POST", "/api/presence", tb, body={"status": "asleep"}))[0] == 400
+    assert (await c.call("GET", f"/api/presence/{bob['id']}", ta))[0] == 200
+    assert (await c.call("GET", f"/api/presence/{alice['id']}", tc))[0] == 200  # they share the group
+    _, dave = await c.call("POST", "/api/auth/register", body={"username": "spec_dave", "password": "password123"})
+    assert (await c.call("GET", f"/api/presence/{dave['user']['id']}", ta))[0] == 404
+
+    _, body = await c.call("POST", "/api/calls", ta, body={"callee_id": bob["id"], "media": "audio"})
+    call = body["call"]
+    assert (await c.call("POST", "/api/calls", tc, body={"callee_id": bob["id"], "media": "video"}))[1]["call"]["status"] == "busy"
+    assert (await c.call("POST", "/api/calls", ta, body={"callee_id": dave["user"]["id"], "media": "audio"}))[0] == 404
+    assert (await c.call("GET", "/api/calls/active", tb))[0] == 200
+    assert (await c.call("GET", f"/api/calls/{call['id']}", tb))[0] == 200
+    assert (await c.call("GET", "/api/calls/nope", tb))[0] == 404
+    assert (await c.call("POST", f"/api/calls/{call['id']}/accept", ta))[0] == 409  # only the callee
+    assert (await c.call("POST", f"/api/calls/{call['id']}/accept", tb))[0] == 200
+    assert (await c.call("POST", f"/api/calls/{call['id']}/end", ta))[1]["call"]["duration"] is not None
+    assert (await c.call("POST", f"/api/calls/{call['id']}/reject", tb))[0] == 409
+    _, body = await c.call("POST", "/api/calls", ta, body={"callee_id": bob["id"], "media": "video"})
+    assert (await c.call("POST", f"/api/calls/{body['call']['id']}/cancel", ta))[0] == 200
+    _, body = await c.call("POST", "/api/calls", ta, body={"callee_id": bob["id"], "media": "video"})
+    assert (await c.call("POST", f"/api/calls/{body['call']['id']}/reject", tb))[0] == 200
+    assert (await c.call("GET", "/api/calls/history?limit=1", ta))[1]["next_before"] is not None
+    assert (await c.call("GET", "/api/calls/history?before=x", ta))[0] == 400
+    assert (await c.call("GET", "/api/calls/turn", ta))[0] == 200
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_live_ws_frames_match_asyncapi(api, ws_url) -> None:
+    from tests.client import Ws
+    ta, alice = await api.register()
+    tb, bob = await api.register()
+    conv = await api.conversation(ta, bob)
+    a = await Ws.connect(ws_url, ta)
+    b = await Ws.connect(ws_url, tb)
+    frames: list[dict] = []
+
+    async def req(ws: Any, kind: str, data: dict | None = None) -> dict:
+        if kind in protocol.REQUESTS:
+            _check_frame({"type": kind, "id": "x", "data": data or {}}, "receive")
+        reply = await ws.request(kind, data)
+        frames.append(reply)
+        return reply
+
+    async def event(ws: Any, kind: str) -> dict:
+        frame = await ws.event(kind)
+        frames.append(frame)
+        return frame
+
+    try:
+        assert (await req(a, "ping"))["type"] == "pong"
+        assert (await req(a, "nope"))["type"] == "error"
+        await req(a, "typing.start", {"conversation_id": conv["id"]})
+        await event(b, "typing.start")
+        await req(a, "typing.stop", {"conversation_id": conv["id"]})
+        await event(b, "typing.stop")
+        sent = (await req(a, "message.send", {"conversation_id": conv["id"], "client_message_id": "w1",
+                                              "ciphertext": "AAEC"}))["data"]["message"]
+        await event(b, "message.new")
+        await req(b, "message.read", {"message_id": sent["id"]})
+        await event(a, "message.receipt")
+        fresh = await Ws.connect(ws_url, tb)  # b already had it live: sync would not resend it
+        try:
+            await req(fresh, "sync", {"cursors": {conv["id"]: 0}})
+            await event(fresh, "message.new")
+        finally:
+            fresh.close()
+        await req(b, "presence.set", {"status": "busy"})
+        await event(a, "presence")
+        group = await api.conversation(ta, bob, (await api.register())[1], title="t")
+        assert group["kind"] == "group"
+        await event(b, "conversation.new")
+        b2 = await Ws.connect(ws_url, tb)
+        try:
+            call = (await req(a, "call.start", {"callee_id": bob["id"], "media": "video"}))["data"]["call"]
+            await event(b, "call.incoming")
+            await req(b, "call.accept", {"call_id": call["id"]})
+            await event(a, "call.state")
+            await event(b2, "call.answered_elsewhere")
+            for kind in ("call.offer", "call.answer", "call.ice"):
+                await req(a, kind, {"call_id": call["id"], "payload": {"sdp": "v=0"}})
+                await event(b, kind)
+            await req(a, "call.hangup", {"call_id": call["id"], "payload": {"reason": "bye"}})
+            await event(b, "call.hangup")
+            await event(b, "call.state")
+            for kind in ("call.reject", "call.cancel", "call.end"):
+                assert (await req(a, kind, {"call_id": call["id"]}))["type"] == "error"
+        finally:
+            b2.close()
+    finally:
+        a.close()
+        b.close()
+    for frame in frames:
+        _check_frame(frame)
+    assert {f["type"] for f in frames} >= set(SERVER_FRAMES)
+    await asyncio.sleep(0)
