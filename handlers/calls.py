@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from handlers.base import APIHandler
 from kisse import calls
-from kisse.validation import ID, obj
+from kisse.validation import EMPTY, ID, obj
 from kisse.views import call_view, parse_page_cursor
 
 START = obj({"callee_id": ID, "media": {"enum": ["audio", "video"]}}, ("callee_id", "media"))
@@ -20,7 +20,7 @@ class CallsHandler(APIHandler):
 
 class CallActionHandler(APIHandler):
     async def post(self, call_id: str, action: str) -> None:
-        self.json_body(obj({}))
+        self.json_body(EMPTY)
         self.send_json({"call": await ACTIONS[action](self.rt, self.user_id, call_id)})
 
 

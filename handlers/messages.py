@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from handlers.base import APIHandler
 from kisse import messaging
-from kisse.validation import ID, obj
+from kisse.validation import EMPTY, ID, obj
 
 SEND = obj({"conversation_id": ID,
             "client_message_id": {"type": "string", "minLength": 1, "maxLength": 64},
@@ -21,7 +21,7 @@ class MessagesHandler(APIHandler):
 
 class ReceiptHandler(APIHandler):
     async def post(self, message_id: str, kind: str) -> None:
-        self.json_body(obj({}))
+        self.json_body(EMPTY)
         self.send_json({"receipt": await messaging.mark(self.rt, self.user_id, message_id, kind)})
 
 

@@ -54,8 +54,10 @@ class GatewaySocket(tornado.websocket.WebSocketHandler):
         render_error(self, status_code, kwargs.get("exc_info"), self.rt.storage)
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
-        if not isinstance(value, KisseError):
-            super().log_exception(typ, value, tb)
+        # Tornado's default would log the request URI, and ours carries ?token=.
+        if isinstance(value, (KisseError, *self.rt.storage.unavailable_errors)):
+            return
+        log.error("websocket handshake failed", exc_info=(typ, value, tb), extra={"path": self.request.path})
 
     # -- lifecycle ---------------------------------------------------------
     def open(self, *args: Any, **kwargs: Any) -> None:
@@ -258,7 +260,8 @@ async def _presence(socket: GatewaySocket, data: dict[str, Any]) -> Any:
 
 
 async def _receipt(socket: GatewaySocket, data: dict[str, Any], kind: str) -> Any:
-    return {"receipt": await messaging.mark(socket.rt, socket.user_id, data["message_id"], kind)}
+    return {"receipt": await messaging.mark(socket.rt, socket.user_id, data["message_id"], kind,
+                                            origin_conn=socket.conn_id)}
 
 
 ACTIONS: dict[str, Action] = {

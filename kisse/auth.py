@@ -91,7 +91,7 @@ async def register(rt: Runtime, username: str, password: str, display_name: str 
         raise Conflict("username is taken", code="username_taken")
     password_hash = await hash_password(rt, password)
     try:
-        user = await rt.storage.create_user(username, password_hash, (display_name or username).strip())
+        user = await rt.storage.create_user(username, password_hash, (display_name or "").strip() or username)
     except UsernameTaken:
         raise Conflict("username is taken", code="username_taken") from None
     return issue_token(rt, user)

@@ -152,15 +152,17 @@ async def history(rt: Runtime, user_id: str, conversation_id: str, before: int |
 
 
 # -- receipts -------------------------------------------------------------------
-async def mark(rt: Runtime, user_id: str, message_id: str, kind: ReceiptKind) -> dict[str, Any]:
-    """Move the caller's delivered/read cursor up to this message; tell the members live."""
+async def mark(rt: Runtime, user_id: str, message_id: str, kind: ReceiptKind,
+               origin_conn: str | None = None) -> dict[str, Any]:
+    """Move the caller's delivered/read cursor up to this message; tell the members live
+    (all their connections but `origin_conn`, whose reply carries the receipt)."""
     message, conversation = await member_message(rt, user_id, message_id)
     before = (await rt.storage.get_receipts(conversation["id"])).get(user_id)
     receipt = await rt.storage.advance_receipt(conversation["id"], user_id, kind, message["seq"])
     event = {"conversation_id": conversation["id"], **receipt}
     if before is None or (before["delivered_seq"], before["read_seq"]) != (
             receipt["delivered_seq"], receipt["read_seq"]):
-        rt.hub.publish(conversation["participant_ids"], "message.receipt", event)
+        rt.hub.publish(conversation["participant_ids"], "message.receipt", event, exclude_conn=origin_conn)
     return event
 
 

@@ -8,6 +8,7 @@ from jsonschema import Draft202012Validator
 from kisse.errors import BadRequest
 
 Schema = dict[str, Any]
+# Compiled once per schema; schemas are module-level constants, so id() is stable.
 _validators: dict[int, Draft202012Validator] = {}
 
 
@@ -17,6 +18,7 @@ def obj(properties: dict[str, Any], required: tuple[str, ...] = ()) -> Schema:
             "additionalProperties": False}
 
 
+EMPTY = obj({})
 ID = {"type": "string", "minLength": 1, "maxLength": 64}
 
 

@@ -13,7 +13,9 @@ def iso(moment: datetime | None) -> str | None:
     """ISO-8601 UTC with milliseconds and a `Z`, or None."""
     if moment is None:
         return None
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    m = moment  # an f-string is ~2x faster than strftime here, a hot path of every response
+    return (f"{m.year:04d}-{m.month:02d}-{m.day:02d}T{m.hour:02d}:{m.minute:02d}:{m.second:02d}"
+            f".{m.microsecond // 1000:03d}Z")
 
 
 def page_cursor(moment: datetime, record_id: str) -> str:
@@ -48,7 +50,7 @@ def message_view(message: Record) -> dict[str, Any]:
             "client_message_id": message["client_message_id"],
             "created_at": iso(message["created_at"]),
             "content": dict(message["content"]) if message["content"] else None,
-            "ciphertext": base64.b64encode(ciphertext).decode() if ciphertext else None}
+            "ciphertext": base64.b64encode(ciphertext).decode() if ciphertext is not None else None}
 
 
 def call_view(call: Record) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -105,3 +106,55 @@ def test_server_starts_serves_and_stops_cleanly(signum):
         assert "Traceback" not in stderr
     finally:
         process.kill()
+
+
+def test_served_server_accepts_uploads_beyond_the_json_limit():
+    """`python -m kisse` caps JSON bodies at KISSE_MAX_BODY, yet content uploads
+    may be up to KISSE_MAX_BLOB: the upload handler raises the cap per request."""
+    import json
+
+    port = free_port()
+    env = {**os.environ, "KISSE_PORT": str(port), "KISSE_HOST": "127.0.0.1", "KISSE_BCRYPT_ROUNDS": "4",
+           "KISSE_MAX_BODY": "65536", "KISSE_MAX_BLOB": str(4 * 1024 * 1024)}
+    process = subprocess.Popen([sys.executable, "-m", "kisse"], cwd=ROOT, stderr=subprocess.DEVNULL, env=env)
+    base = f"http://127.0.0.1:{port}"
+
+    def call(method, path, token=None, body=None, raw=None):
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        data = json.dumps(body).encode() if body is not None else raw
+        request = urllib.request.Request(base + path, data=data, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read()
+
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                call("GET", "/healthz")
+                break
+            except OSError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        tokens, ids = [], []
+        for name in ("uploader", "receiver"):
+            status, body = call("POST", "/api/auth/register", body={"username": name, "password": "password123"})
+            tokens.append(json.loads(body)["token"])
+            ids.append(json.loads(body)["user"]["id"])
+        _, body = call("POST", "/api/conversations", tokens[0], {"participant_ids": [ids[1]]})
+        conversation_id = json.loads(body)["conversation"]["id"]
+        _, body = call("POST", "/api/messages", tokens[0], {"conversation_id": conversation_id,
+                                                            "client_message_id": "big"})
+        message_id = json.loads(body)["message"]["id"]
+        data = os.urandom(3 * 1024 * 1024)
+        status, body = call("POST", f"/api/messages/{message_id}/content", tokens[0], raw=data)
+        assert status == 201, body
+        status, body = call("GET", f"/api/messages/{message_id}/content", tokens[1])
+        assert status == 200 and body == data
+        status, body = call("POST", "/api/auth/login", raw=b"{" + b" " * 70000 + b"}")
+        assert status == 413 and json.loads(body)["error"]["code"] == "payload_too_large"
+    finally:
+        process.terminate()
+        process.wait(timeout=15)
