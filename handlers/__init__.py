@@ -3,10 +3,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from handlers import auth, calls, content, conversations, health, messages, presence, users, ws
+from handlers import auth, calls, content, conversations, health, messages, metrics, presence, users, ws
 
 default_handlers: list[tuple[str, Any]] = [
     *health.routes,
+    *metrics.routes,
     *auth.routes,
     *users.routes,
     *conversations.routes,

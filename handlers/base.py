@@ -13,6 +13,7 @@ from config.settings import Settings
 from kisse import auth
 from kisse.errors import KisseError, NotFound, PayloadTooLarge
 from kisse.hub import Hub
+from kisse.logs import new_request_id
 from kisse.runtime import Runtime
 from kisse.validation import Schema, validate
 from storage.base import Record, Storage
@@ -65,6 +66,7 @@ class APIHandler(tornado.web.RequestHandler):
         return self.kisse_settings.max_body
 
     async def prepare(self) -> None:
+        self.set_header("X-Request-ID", new_request_id(self.request.headers.get("X-Request-ID")))
         self.rt.inflight += 1
         self._counted = True
         # The server's own cap is the JSON limit; handlers with a larger limit

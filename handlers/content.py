@@ -31,6 +31,7 @@ class ContentHandler(APIHandler):
     async def data_received(self, chunk: bytes) -> None:
         if self._writer is None or self._upload_error is not None:
             return
+        self.rt.metrics.blob_bytes.labels("in").inc(len(chunk))
         try:
             await content.write_chunk(self.rt, self._writer, chunk)
         except KisseError as error:  # answered in post(), once the body is read
@@ -74,7 +75,9 @@ class ContentHandler(APIHandler):
         if byte_range is not None:
             self.set_status(206)
             self.set_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
+        sent = self.rt.metrics.blob_bytes.labels("out")
         async for chunk in chunks:
+            sent.inc(len(chunk))
             self.write(chunk)
             await self.flush()  # wait for the socket: memory stays at one chunk
         self.finish()

@@ -13,6 +13,7 @@ import tornado.websocket
 from handlers.base import bearer_token, render_error
 from kisse import auth, calls, messaging, presence, protocol
 from kisse.errors import KisseError
+from kisse.logs import new_request_id
 from kisse.runtime import Runtime
 from storage.base import new_id
 
@@ -43,6 +44,7 @@ class GatewaySocket(tornado.websocket.WebSocketHandler):
         return True  # mobile clients and tokens, not cookies: no CSRF to guard against
 
     async def prepare(self) -> None:
+        new_request_id(self.request.headers.get("X-Request-ID"))
         token = self.get_query_argument("token", None) or bearer_token(self.request)
         user, claims = await auth.authenticate(self.rt, token)
         self.current_user = user
@@ -111,6 +113,7 @@ class GatewaySocket(tornado.websocket.WebSocketHandler):
     # -- outbound ------------------------------------------------------------
     def push(self, event_type: str, data: dict[str, Any], text: str) -> None:
         """Queue an event; drop the client if it has stopped reading."""
+        self.rt.metrics.ws_frames.labels("out", event_type).inc()
         if event_type == "message.new":
             if self._syncing is not None:
                 self._syncing.append((event_type, data, text))
@@ -148,9 +151,11 @@ class GatewaySocket(tornado.websocket.WebSocketHandler):
     # -- inbound ---------------------------------------------------------------
     async def on_message(self, message: str | bytes) -> None:
         self._answered = True
+        new_request_id()  # one id per frame
         request_id = None
         try:
             kind, request_id, data = protocol.parse(message)
+            self.rt.metrics.ws_frames.labels("in", kind).inc()
             result = await ACTIONS[kind](self, data)
             if kind == "ping":
                 self.reply("pong", result, request_id)

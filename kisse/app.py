@@ -11,6 +11,7 @@ from config.settings import Settings
 from handlers import default_handlers
 from handlers.base import NotFoundHandler
 from kisse.calls import CallTimers
+from kisse.metrics import Metrics
 from kisse.presence import PresenceTracker
 from kisse.protocol import CLOSE_GOING_AWAY
 from kisse.runtime import Runtime
@@ -18,6 +19,8 @@ from kisse.typing_status import TypingTracker
 from storage.base import Storage
 
 access_log = logging.getLogger("kisse.access")
+# Metrics label requests by route pattern (bounded), never by raw path.
+ROUTE_OF = {handler: pattern for pattern, handler in default_handlers}
 
 
 def log_request(handler: tornado.web.RequestHandler) -> None:
@@ -25,9 +28,11 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
     request = handler.request
     status = handler.get_status()
     level = logging.INFO if status < 500 else logging.ERROR
-    access_log.log(level, "%s %s %d %.1fms", request.method, request.path, status,
-                   1000.0 * request.request_time(),
+    seconds = request.request_time()
+    access_log.log(level, "%s %s %d %.1fms", request.method, request.path, status, 1000.0 * seconds,
                    extra={"method": request.method, "path": request.path, "status": status})
+    route = ROUTE_OF.get(type(handler), "unmatched")
+    runtime(handler.application).metrics.http_latency.labels(route, request.method, str(status)).observe(seconds)
 
 
 def make_app(settings: Settings, storage: Storage) -> tornado.web.Application:
@@ -36,6 +41,7 @@ def make_app(settings: Settings, storage: Storage) -> tornado.web.Application:
     rt.presence = PresenceTracker(rt)
     rt.typing = TypingTracker(rt)
     rt.calls = CallTimers(rt)
+    rt.metrics = Metrics(rt.hub.count)
     return tornado.web.Application(
         default_handlers,
         kisse=rt,

@@ -88,6 +88,7 @@ def _announce(rt: Runtime, call: Record) -> dict[str, Any]:
     view = call_view(call)
     rt.hub.publish([call["caller_id"], call["callee_id"]], "call.state", view)
     if call["status"] not in LIVE_CALL_STATUSES:
+        rt.metrics.call_outcomes.labels(call["status"]).inc()
         rt.calls.forget(call["id"])
         rt.calls.answered_on.pop(call["id"], None)
     return view
@@ -116,6 +117,8 @@ async def start_call(rt: Runtime, caller_id: str, callee_id: str, media: str,
     call = await rt.storage.create_call(caller_id, callee_id, media,
                                         utcnow() + timedelta(seconds=rt.settings.call_ring_timeout))
     view = call_view(call)
+    if call["status"] == "busy":
+        rt.metrics.call_outcomes.labels("busy").inc()
     if call["status"] == "pending":
         rt.calls.schedule(call)
         rt.hub.publish([callee_id], "call.incoming", view)

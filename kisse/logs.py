@@ -1,19 +1,50 @@
-"""Structured JSON logs (python-json-logger), one object per line on stderr."""
+"""Structured JSON logs (python-json-logger), one object per line on stderr,
+each carrying the id of the request (or WebSocket frame) it belongs to."""
 from __future__ import annotations
 
+import contextvars
 import logging
+import re
+import secrets
 import sys
 
 from pythonjsonlogger.json import JsonFormatter
 
+request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+_CLIENT_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+def new_request_id(offered: str | None = None) -> str:
+    """Use the client's `X-Request-ID` when it is sane, else make one; bind it to this task."""
+    rid = offered if offered and _CLIENT_ID_RE.match(offered) else secrets.token_hex(8)
+    request_id.set(rid)
+    return rid
+
+
+class RequestIdFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = request_id.get()
+        return True
+
+
+def json_formatter() -> JsonFormatter:
+    return JsonFormatter("%(asctime)s %(levelname)s %(name)s %(request_id)s %(message)s",
+                         rename_fields={"asctime": "time", "levelname": "level", "name": "logger"})
+
 
 def setup_logging(level: str = "INFO") -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter("%(asctime)s %(levelname)s %(name)s %(message)s",
-                                       rename_fields={"asctime": "time", "levelname": "level",
-                                                      "name": "logger"}))
+    handler.addFilter(RequestIdFilter())
+    handler.setFormatter(json_formatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # Tornado's own access log would print query strings (tokens); ours doesn't.
-    logging.getLogger("tornado.access").setLevel(logging.WARNING)
+    quiet_libraries()
+
+
+def quiet_libraries() -> None:
+    """Keep libraries that log secrets at DEBUG away from DEBUG, whatever the level:
+    Tornado's access log prints query strings (`/ws?token=…`), PyMongo's command
+    log prints documents (ciphertext, password hashes)."""
+    for name in ("tornado.access", "pymongo"):
+        logging.getLogger(name).setLevel(logging.WARNING)

@@ -128,6 +128,7 @@ async def send_message(rt: Runtime, user_id: str, conversation_id: str, client_m
                        code="client_message_id_reused")
     view = message_view(message)
     if created:
+        rt.metrics.messages.inc()
         rt.hub.publish(conversation["participant_ids"], "message.new", view, exclude_conn=origin_conn)
     return view, created
 

@@ -10,6 +10,7 @@ from storage.base import Storage
 
 if TYPE_CHECKING:
     from kisse.calls import CallTimers
+    from kisse.metrics import Metrics
     from kisse.presence import PresenceTracker
     from kisse.typing_status import TypingTracker
 
@@ -18,7 +19,7 @@ if TYPE_CHECKING:
 class Runtime:
     """Settings, storage, the live-connection hub, presence, typing and call timers.
 
-    `presence`, `typing` and `calls` are attached by `make_app` once the runtime exists,
+    `presence`, `typing`, `calls` and `metrics` are attached by `make_app` once the runtime exists,
     since both need it.
     """
 
@@ -27,6 +28,7 @@ class Runtime:
     hub: Hub = field(default_factory=Hub)
     presence: "PresenceTracker" = field(init=False)
     calls: "CallTimers" = field(init=False)
+    metrics: "Metrics" = field(init=False)
     typing: "TypingTracker" = field(init=False)
     # REST requests being served now; shutdown waits for them.
     inflight: int = 0
