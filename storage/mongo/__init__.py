@@ -207,15 +207,7 @@ class MongoStorage(MessagesMixin, CallsMixin, Storage):
         # $max never moves a cursor back; on insert it also creates the field.
         update = {"$max": {"delivered_seq": seq, "read_seq": seq if kind == "read" else 0},
                   "$setOnInsert": {"conversation_id": conversation_id, "user_id": user_id}}
-        key = f"{conversation_id}:{user_id}"
-        for attempt in range(2):
-            try:
-                doc = await self._receipts.find_one_and_update(
-                    {"_id": key}, update, upsert=True, return_document=ReturnDocument.AFTER)
-                break
-            except DuplicateKeyError:  # two first receipts raced on the upsert
-                if attempt:
-                    raise
+        doc = await _upsert(self._receipts, f"{conversation_id}:{user_id}", update)
         return {"user_id": user_id, "delivered_seq": doc["delivered_seq"], "read_seq": doc["read_seq"]}
 
     async def get_receipts(self, conversation_id: str) -> dict[str, Record]:
@@ -247,16 +239,19 @@ class MongoStorage(MessagesMixin, CallsMixin, Storage):
             update["$set"] = changes
         if defaults:
             update["$setOnInsert"] = defaults
-        for attempt in range(2):
-            try:
-                doc = await self._presence.find_one_and_update(
-                    {"_id": user_id}, update, upsert=True, return_document=ReturnDocument.AFTER)
-                break
-            except DuplicateKeyError:  # two first updates raced on the upsert
-                if attempt:
-                    raise
-        return _presence(doc)
+        return _presence(await _upsert(self._presence, user_id, update))
 
 
 def _presence(doc: dict[str, Any]) -> Record:
     return {"user_id": doc["_id"], "status": doc.get("status", "online"), "last_seen": doc.get("last_seen")}
+
+
+async def _upsert(collection: Any, key: str, update: dict[str, Any]) -> dict[str, Any]:
+    """`find_one_and_update(upsert=True)` returning the new document. Two first
+    writers can race on the insert; the loser's retry then updates the winner's."""
+    try:
+        return await collection.find_one_and_update({"_id": key}, update, upsert=True,
+                                                    return_document=ReturnDocument.AFTER)
+    except DuplicateKeyError:
+        return await collection.find_one_and_update({"_id": key}, update, upsert=True,
+                                                    return_document=ReturnDocument.AFTER)
