@@ -262,6 +262,7 @@ async def test_silent_client_is_reaped_within_two_ping_intervals(api, ws_url, ht
             assert time.monotonic() - started < settings.ws_ping * 4, "silent client was not reaped"
             await asyncio.sleep(0.02)
         reaped_after = time.monotonic() - started
+        print(f"silent client reaped after {reaped_after:.2f}s (ping interval {settings.ws_ping}s)")
         assert reaped_after <= settings.ws_ping * 2 + 0.2
         assert (await presence_of(wb, a["id"]))["status"] == "offline"
     finally:
@@ -282,6 +283,7 @@ async def test_non_reading_client_is_disconnected(api, ws_url, http_port, app):
             await api.send(ta, conv["id"], f"flood{sent}", ciphertext)
             sent += 1
         assert not hub.is_connected(b["id"]), "slow consumer was never disconnected"
+        print(f"non-reading client cut after {sent} messages of {len(ciphertext)} B base64")
         # It was cut off long before the flood ended: its queue stayed bounded.
         assert sent < 500
     finally:
