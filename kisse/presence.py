@@ -47,7 +47,7 @@ class PresenceTracker:
         if timer is not None:
             timer.cancel()  # back within the grace period: nobody saw them leave
             return
-        self._spawn(self._announce(user_id, came_online=True))
+        self._spawn(self._announce(user_id))
 
     def _disconnected(self, user_id: str) -> None:
         loop = asyncio.get_running_loop()
@@ -56,9 +56,10 @@ class PresenceTracker:
 
     def _grace_over(self, user_id: str) -> None:
         if self._lingering.pop(user_id, None) is not None and not self.rt.hub.is_connected(user_id):
-            self._spawn(self._announce(user_id, came_online=False))
+            self._spawn(self._announce(user_id))
 
-    async def _announce(self, user_id: str, came_online: bool) -> None:
+    async def _announce(self, user_id: str) -> None:
+        """Stamp last_seen and tell contacts the user's presence as it now shows."""
         try:
             record = await self.rt.storage.get_presence(user_id)
             invisible = record is not None and record["status"] == "offline"
