@@ -157,6 +157,18 @@ async def close_all(sockets: list[aiohttp.ClientWebSocketResponse]) -> None:
 
 
 # -- relay -----------------------------------------------------------------------
+async def register_pairs(api: "Kisse", pairs: int) -> tuple[list[Any], list[Any]]:
+    """2 * pairs fresh users and one direct conversation per pair (users 2i and 2i+1)."""
+    tag = unique("r")
+    users = await bounded_gather(16, [lambda i=i: api.register(f"{tag}_{i}") for i in range(2 * pairs)])
+    for u in users:
+        if isinstance(u, BaseException):
+            raise u
+    convs = await bounded_gather(16, [lambda i=i: api.conversation(users[2 * i][0], users[2 * i + 1][1])
+                                      for i in range(pairs)])
+    return users, convs
+
+
 async def relay(p: dict[str, Any]) -> dict[str, Any]:
     """N pairs; A sends, B receives and acknowledges delivery; at most `window` in flight per pair."""
     kind, pairs, window = p["target"], p["pairs"], p["window"]
@@ -166,13 +178,7 @@ async def relay(p: dict[str, Any]) -> dict[str, Any]:
         api = Kisse(session, p["base"])
         sockets: list[tuple[Any, Any, str]] = []
         if kind == "kisse":
-            tag = unique("r")
-            users = await bounded_gather(16, [lambda i=i: api.register(f"{tag}_{i}") for i in range(2 * pairs)])
-            for u in users:
-                if isinstance(u, BaseException):
-                    raise u
-            convs = await bounded_gather(16, [lambda i=i: api.conversation(users[2 * i][0], users[2 * i + 1][1])
-                                              for i in range(pairs)])
+            users, convs = await register_pairs(api, pairs)
             wss = await bounded_gather(32, [lambda u=u: api.connect(u[0]) for u in users])
             for item in [*convs, *wss]:
                 if isinstance(item, BaseException):
@@ -260,13 +266,7 @@ async def relay_picows(p: dict[str, Any]) -> dict[str, Any]:
     if kind == "kisse":
         async with make_session() as session:
             api = Kisse(session, p["base"])
-            tag = unique("r")
-            users = await bounded_gather(16, [lambda i=i: api.register(f"{tag}_{i}") for i in range(2 * pairs)])
-            for u in users:
-                if isinstance(u, BaseException):
-                    raise u
-            convs = await bounded_gather(16, [lambda i=i: api.conversation(users[2 * i][0], users[2 * i + 1][1])
-                                              for i in range(pairs)])
+            users, convs = await register_pairs(api, pairs)
             urls = [(f"{ws_base}/ws?token={users[2 * i][0]}", f"{ws_base}/ws?token={users[2 * i + 1][0]}", convs[i])
                     for i in range(pairs)]
     else:

@@ -22,7 +22,6 @@ import shutil
 import subprocess
 import sys
 import threading
-import venv
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent

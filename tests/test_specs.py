@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import asyncio
-import copy
 import json
 import re
 from pathlib import Path

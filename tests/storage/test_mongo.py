@@ -22,6 +22,7 @@ from storage.base import StorageUnavailable, new_id, utcnow
 from storage.mongo import MongoStorage, client_options, migrations
 from tests import backends, mongo_server
 from tests.conftest import TEST_SETTINGS
+from tests.storage.test_contract import make_users
 
 # Dead-server tests must answer fast: short selection timeouts.
 FAST = "serverSelectionTimeoutMS=500&connectTimeoutMS=500"
@@ -157,8 +158,7 @@ async def test_write_concern_is_majority_unless_the_url_says_otherwise():
 async def test_last_message_is_the_highest_seq_under_concurrent_sends(uri):
     store = await opened(uri)
     try:
-        a = await store.create_user("ann", "h", "Ann")
-        b = await store.create_user("bea", "h", "Bea")
+        a, b = await make_users(store, "ann", "bea")
         conv, _ = await store.get_or_create_direct(a["id"], b["id"])
         await asyncio.gather(*(store.add_message(conv["id"], a["id"], f"k{i}", b"x", None) for i in range(30)))
         after = await store.get_conversation(conv["id"])
@@ -174,8 +174,7 @@ async def test_last_message_is_the_highest_seq_under_concurrent_sends(uri):
 async def test_a_stale_send_reservation_is_taken_over_without_a_gap(uri):
     store = await opened(uri)
     try:
-        a = await store.create_user("cyd", "h", "Cyd")
-        b = await store.create_user("dee", "h", "Dee")
+        a, b = await make_users(store, "cyd", "dee")
         conv, _ = await store.get_or_create_direct(a["id"], b["id"])
         # A process died right after reserving this client id.
         await store._message_ids.insert_one({"_id": f"{a['id']}:lost", "message_id": new_id(),
@@ -192,7 +191,7 @@ async def test_a_stale_send_reservation_is_taken_over_without_a_gap(uri):
 async def test_orphaned_call_lines_do_not_keep_a_user_busy(uri):
     store = await opened(uri)
     try:
-        a, b, c = [await store.create_user(n, "h", n) for n in ("eli", "fox", "gil")]
+        a, b, c = await make_users(store, "eli", "fox", "gil")
         # Crashed between claiming b's line and inserting the call: stale entry.
         await store._lines.insert_one({"_id": b["id"], "live": [
             {"call_id": new_id(), "at": utcnow() - timedelta(minutes=5)}]})
