@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import tornado.websocket
+from tornado.iostream import StreamClosedError
 
 from handlers.base import bearer_token, render_error
+from handlers.outbox import Outbox
 from kisse import auth, calls, messaging, presence, protocol
 from kisse.errors import KisseError
 from kisse.logs import new_request_id
@@ -22,6 +25,8 @@ SYNC_PAGE = 200
 # How many recent (conversation, seq) pushes a connection remembers, so a
 # later `sync` does not send them again.
 PUSHED_MEMORY = 5000
+# Frames a connection may have waiting to be handled before Tornado stops reading.
+INBOX_FRAMES = 16
 
 # Close reasons (our ping timeout and slow-consumer cut) after which
 # the socket is dropped at once.
@@ -62,9 +67,15 @@ class GatewaySocket(tornado.websocket.WebSocketHandler):
         log.error("websocket handshake failed", exc_info=(typ, value, tb), extra={"path": self.request.path})
 
     # -- lifecycle ---------------------------------------------------------
+    def get_compression_options(self) -> None:
+        return None  # the Outbox writes uncompressed frames; ciphertext doesn't compress anyway
+
     def open(self, *args: Any, **kwargs: Any) -> None:
-        self._unsent_bytes = 0
+        assert self.ws_connection is not None
+        self._outbox = Outbox(self.ws_connection.stream)
         self._closing = False
+        self._inbox: deque[str | bytes] = deque()
+        self._worker: asyncio.Task[None] | None = None
         self._syncing: list[tuple[str, dict[str, Any], str]] | None = None
         self._pushed: dict[tuple[str, int], None] = {}
         self.set_nodelay(True)
@@ -101,6 +112,8 @@ class GatewaySocket(tornado.websocket.WebSocketHandler):
 
     def close(self, code: int | None = None, reason: str | None = None) -> None:
         connection = self.ws_connection
+        if connection is not None and reason not in DEAD_PEER_REASONS and hasattr(self, "_outbox"):
+            self._outbox.flush()  # what was queued goes before the close frame
         super().close(code, reason)
         if connection is not None and reason in DEAD_PEER_REASONS:
             # A peer that doesn't answer pings or read frames won't answer a close
@@ -129,28 +142,36 @@ class GatewaySocket(tornado.websocket.WebSocketHandler):
     def _send(self, text: str) -> None:
         if self._closing or self.ws_connection is None:
             return
-        if self._unsent_bytes > self.rt.settings.ws_queue_bytes:
+        if self._outbox.unsent_bytes > self.rt.settings.ws_queue_bytes:
             log.warning("closing slow consumer", extra={"user_id": self.user_id})
             self._closing = True
             self.close(protocol.CLOSE_SLOW_CONSUMER, "slow consumer")
             return
-        size = len(text)
-        self._unsent_bytes += size
-        try:
-            future = self.write_message(text)
-        except tornado.websocket.WebSocketClosedError:
-            return
-        future.add_done_callback(lambda _: self._sent(size))
-
-    def _sent(self, size: int) -> None:
-        self._unsent_bytes -= size
+        self._outbox.put(text)
 
     def reply(self, kind: str, data: dict[str, Any], request_id: Any) -> None:
         self._send(protocol.encode(kind, data, request_id))
 
     # -- inbound ---------------------------------------------------------------
-    async def on_message(self, message: str | bytes) -> None:
+    def on_message(self, message: str | bytes) -> asyncio.Task[None] | None:
+        """Queue the frame for this connection's worker, which handles frames one at
+        a time, in order. With INBOX_FRAMES waiting, Tornado stops reading until
+        the worker is done: a client cannot queue unbounded work."""
         self._answered = True
+        self._inbox.append(message)
+        if self._worker is None:
+            # One task per burst of frames, not per frame (see benchmarks/README.md).
+            self._worker = asyncio.ensure_future(self._work())
+        return self._worker if len(self._inbox) >= INBOX_FRAMES else None
+
+    async def _work(self) -> None:
+        try:
+            while self._inbox:
+                await self._handle(self._inbox.popleft())
+        finally:
+            self._worker = None
+
+    async def _handle(self, message: str | bytes) -> None:
         new_request_id()  # one id per frame
         request_id = None
         try:
@@ -210,8 +231,15 @@ class GatewaySocket(tornado.websocket.WebSocketHandler):
 
     async def _send_now(self, kind: str, data: dict[str, Any]) -> None:
         """Write and wait for the socket: catch-up is paced by the client's reading."""
-        if not self._closing:
-            await self.write_message(protocol.encode(kind, data))
+        if self._closing:
+            return
+        self._outbox.put(protocol.encode(kind, data))
+        written = self._outbox.flush()
+        if written is not None:
+            try:
+                await written
+            except StreamClosedError:
+                pass  # on_close has run or will: the loop in sync() stops sending
 
 
 async def _ping(socket: GatewaySocket, data: dict[str, Any]) -> dict[str, Any]:

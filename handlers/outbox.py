@@ -1,0 +1,67 @@
+"""Batched WebSocket output: the frames queued for one connection during an
+event-loop pass leave in a single stream write.
+
+Tornado's `write_message` builds each frame with its own Task, future and
+syscall. A chat relay sends several small frames per message (the event, the
+sender's ack, receipts), so batching them is most of the server's output cost
+(see benchmarks/README.md). Frames are plain RFC 6455 server frames: FIN,
+text opcode, unmasked, and uncompressed because Kisse never negotiates
+permessage-deflate (ciphertext does not compress).
+"""
+from __future__ import annotations
+
+import asyncio
+import struct
+from collections.abc import Callable
+from tornado.iostream import IOStream, StreamClosedError
+
+TEXT_FRAME = 0x81  # FIN + opcode 1
+
+
+def frame_header(size: int) -> bytes:
+    if size < 126:
+        return bytes((TEXT_FRAME, size))
+    if size <= 0xFFFF:
+        return struct.pack("!BBH", TEXT_FRAME, 126, size)
+    return struct.pack("!BBQ", TEXT_FRAME, 127, size)
+
+
+class Outbox:
+    """Text frames waiting for the next flush, and the bytes not yet handed to the kernel."""
+
+    def __init__(self, stream: IOStream) -> None:
+        self._stream = stream
+        self._frames: list[bytes] = []
+        self._loop = asyncio.get_running_loop()
+        self.unsent_bytes = 0  # queued here or still in the stream's buffer
+
+    def put(self, text: str) -> None:
+        payload = text.encode()
+        header = frame_header(len(payload))
+        self.unsent_bytes += len(header) + len(payload)
+        self._frames.append(header)
+        self._frames.append(payload)
+        if len(self._frames) == 2:
+            self._loop.call_soon(self.flush)
+
+    def flush(self) -> asyncio.Future[None] | None:
+        """Write every queued frame now; the future resolves once the kernel has them."""
+        if not self._frames or self._stream.closed():
+            self._frames.clear()
+            return None
+        data = b"".join(self._frames)
+        self._frames.clear()
+        try:
+            future = self._stream.write(data)
+        except StreamClosedError:
+            return None
+        if future.done():  # the usual case: the kernel took it all at once
+            self.unsent_bytes -= len(data)
+        else:
+            future.add_done_callback(self._written(len(data)))
+        return future
+
+    def _written(self, size: int) -> Callable[[asyncio.Future[None]], None]:
+        def done(_: asyncio.Future[None]) -> None:
+            self.unsent_bytes -= size
+        return done
