@@ -126,7 +126,7 @@ class GatewaySocket(tornado.websocket.WebSocketHandler):
     # -- outbound ------------------------------------------------------------
     def push(self, event_type: str, data: dict[str, Any], text: str) -> None:
         """Queue an event; drop the client if it has stopped reading."""
-        self.rt.metrics.ws_frames.labels("out", event_type).inc()
+        self.rt.metrics.count_frame("out", event_type)
         if event_type == "message.new":
             if self._syncing is not None:
                 self._syncing.append((event_type, data, text))
@@ -176,7 +176,7 @@ class GatewaySocket(tornado.websocket.WebSocketHandler):
         request_id = None
         try:
             kind, request_id, data = protocol.parse(message)
-            self.rt.metrics.ws_frames.labels("in", kind).inc()
+            self.rt.metrics.count_frame("in", kind)
             result = await ACTIONS[kind](self, data)
             if kind == "ping":
                 self.reply("pong", result, request_id)

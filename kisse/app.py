@@ -11,6 +11,7 @@ from config.settings import Settings
 from handlers import default_handlers
 from handlers.base import NotFoundHandler
 from kisse.calls import CallTimers
+from kisse.members import Members
 from kisse.metrics import Metrics
 from kisse.presence import PresenceTracker
 from kisse.protocol import CLOSE_GOING_AWAY
@@ -42,6 +43,7 @@ def make_app(settings: Settings, storage: Storage) -> tornado.web.Application:
     rt.typing = TypingTracker(rt)
     rt.calls = CallTimers(rt)
     rt.metrics = Metrics(rt.hub.count)
+    rt.members = Members(storage)
     return tornado.web.Application(
         default_handlers,
         kisse=rt,

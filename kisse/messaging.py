@@ -35,10 +35,19 @@ async def get_user(rt: Runtime, user_id: str) -> dict[str, Any]:
 # -- conversations --------------------------------------------------------------
 async def member_conversation(rt: Runtime, user_id: str, conversation_id: str) -> Record:
     """The conversation if `user_id` belongs to it; 404 alike for absent and foreign ones."""
+    await conversation_members(rt, user_id, conversation_id)
     conversation = await rt.storage.get_conversation(conversation_id)
-    if conversation is None or user_id not in conversation["participant_ids"]:
+    if conversation is None:
         raise NotFound("no such conversation", code="conversation_not_found")
     return conversation
+
+
+async def conversation_members(rt: Runtime, user_id: str, conversation_id: str) -> tuple[str, ...]:
+    """The participant ids if `user_id` is one of them; 404 alike for absent and foreign ones."""
+    members = await rt.members.of(conversation_id)
+    if members is None or user_id not in members:
+        raise NotFound("no such conversation", code="conversation_not_found")
+    return members
 
 
 async def create_conversation(rt: Runtime, user_id: str, participant_ids: list[str],
@@ -119,7 +128,7 @@ async def send_message(rt: Runtime, user_id: str, conversation_id: str, client_m
     connections but the one it came from.
     """
     data = decode_ciphertext(rt, ciphertext)
-    conversation = await member_conversation(rt, user_id, conversation_id)
+    members = await conversation_members(rt, user_id, conversation_id)
     content = ({"size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "inline": True}
                if data is not None else None)
     message, created = await rt.storage.add_message(conversation_id, user_id, client_message_id, data, content)
@@ -129,17 +138,17 @@ async def send_message(rt: Runtime, user_id: str, conversation_id: str, client_m
     view = message_view(message)
     if created:
         rt.metrics.messages.inc()
-        rt.hub.publish(conversation["participant_ids"], "message.new", view, exclude_conn=origin_conn)
+        rt.hub.publish(members, "message.new", view, exclude_conn=origin_conn)
     return view, created
 
 
-async def member_message(rt: Runtime, user_id: str, message_id: str) -> tuple[Record, Record]:
-    """`(message, conversation)` if the user is a member; 404 alike otherwise."""
+async def member_message(rt: Runtime, user_id: str, message_id: str) -> tuple[Record, tuple[str, ...]]:
+    """`(message, its conversation's members)` if the user is a member; 404 alike otherwise."""
     message = await rt.storage.get_message(message_id)
     if message is not None:
-        conversation = await rt.storage.get_conversation(message["conversation_id"])
-        if conversation is not None and user_id in conversation["participant_ids"]:
-            return message, conversation
+        members = await rt.members.of(message["conversation_id"])
+        if members is not None and user_id in members:
+            return message, members
     raise NotFound("no such message", code="message_not_found")
 
 
@@ -147,7 +156,7 @@ async def history(rt: Runtime, user_id: str, conversation_id: str, before: int |
                   after: int | None, limit: int) -> dict[str, Any]:
     if before is not None and after is not None:
         raise BadRequest("give before or after, not both", code="invalid_query")
-    await member_conversation(rt, user_id, conversation_id)
+    await conversation_members(rt, user_id, conversation_id)
     messages, more = await rt.storage.list_messages(conversation_id, before=before, after=after, limit=limit)
     return {"messages": [message_view(m) for m in messages], "has_more": more}
 
@@ -157,22 +166,23 @@ async def mark(rt: Runtime, user_id: str, message_id: str, kind: ReceiptKind,
                origin_conn: str | None = None) -> dict[str, Any]:
     """Move the caller's delivered/read cursor up to this message; tell the members live
     (all their connections but `origin_conn`, whose reply carries the receipt)."""
-    message, conversation = await member_message(rt, user_id, message_id)
-    before = (await rt.storage.get_receipts(conversation["id"])).get(user_id)
-    receipt = await rt.storage.advance_receipt(conversation["id"], user_id, kind, message["seq"])
-    event = {"conversation_id": conversation["id"], **receipt}
+    message, members = await member_message(rt, user_id, message_id)
+    conversation_id = message["conversation_id"]
+    before = (await rt.storage.get_receipts(conversation_id)).get(user_id)
+    receipt = await rt.storage.advance_receipt(conversation_id, user_id, kind, message["seq"])
+    event = {"conversation_id": conversation_id, **receipt}
     if before is None or (before["delivered_seq"], before["read_seq"]) != (
             receipt["delivered_seq"], receipt["read_seq"]):
-        rt.hub.publish(conversation["participant_ids"], "message.receipt", event, exclude_conn=origin_conn)
+        rt.hub.publish(members, "message.receipt", event, exclude_conn=origin_conn)
     return event
 
 
 async def message_receipts(rt: Runtime, user_id: str, message_id: str) -> dict[str, Any]:
     """Per member (but the sender): has this message been delivered, read?"""
-    message, conversation = await member_message(rt, user_id, message_id)
-    cursors = await rt.storage.get_receipts(conversation["id"])
+    message, member_ids = await member_message(rt, user_id, message_id)
+    cursors = await rt.storage.get_receipts(message["conversation_id"])
     members = []
-    for member_id in conversation["participant_ids"]:
+    for member_id in member_ids:
         if member_id == message["sender_id"]:
             continue
         cursor = cursors.get(member_id, {"delivered_seq": 0, "read_seq": 0})

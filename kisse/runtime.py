@@ -10,6 +10,7 @@ from storage.base import Storage
 
 if TYPE_CHECKING:
     from kisse.calls import CallTimers
+    from kisse.members import Members
     from kisse.metrics import Metrics
     from kisse.presence import PresenceTracker
     from kisse.typing_status import TypingTracker
@@ -17,9 +18,10 @@ if TYPE_CHECKING:
 
 @dataclass
 class Runtime:
-    """Settings, storage, the live-connection hub, presence, typing and call timers.
+    """Settings, storage, the live-connection hub, presence, typing, call timers
+    and the conversation-members cache.
 
-    `presence`, `typing`, `calls` and `metrics` are attached by `make_app` once the runtime exists,
+    `presence`, `typing`, `calls`, `metrics` and `members` are attached by `make_app` once the runtime exists,
     since both need it.
     """
 
@@ -30,6 +32,7 @@ class Runtime:
     calls: "CallTimers" = field(init=False)
     metrics: "Metrics" = field(init=False)
     typing: "TypingTracker" = field(init=False)
+    members: "Members" = field(init=False)
     # REST requests being served now; shutdown waits for them.
     inflight: int = 0
     # bcrypt hash of a random password, verified for unknown users at login.

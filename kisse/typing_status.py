@@ -18,12 +18,12 @@ class TypingTracker:
         rt.hub.on_connection_closed.append(self._connection_closed)
 
     async def start(self, user_id: str, conn_id: str, conversation_id: str) -> dict[str, str]:
-        conversation = await messaging.member_conversation(self.rt, user_id, conversation_id)
+        members = await messaging.conversation_members(self.rt, user_id, conversation_id)
         key = (conversation_id, user_id)
         previous = self._active.pop(key, None)
         if previous:
             previous[2].cancel()
-        others = [m for m in conversation["participant_ids"] if m != user_id]
+        others = [m for m in members if m != user_id]
         timer = asyncio.get_running_loop().call_later(
             self.rt.settings.typing_timeout, self._expire, key)
         self._active[key] = (conn_id, others, timer)
@@ -33,7 +33,7 @@ class TypingTracker:
         return event
 
     async def stop(self, user_id: str, conversation_id: str) -> dict[str, str]:
-        await messaging.member_conversation(self.rt, user_id, conversation_id)
+        await messaging.conversation_members(self.rt, user_id, conversation_id)
         self._end((conversation_id, user_id), "stopped")
         return {"conversation_id": conversation_id, "user_id": user_id}
 

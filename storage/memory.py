@@ -24,14 +24,14 @@ BLOB_CHUNK_SIZE = 255 * 1024
 
 
 def _copy(record: Record) -> Record:
-    """Copy a record and its nested dicts/lists (records are at most two deep)."""
-    out: Record = {}
+    """Copy a record and its nested dicts (recursively) and lists (shallowly: they hold ids)."""
+    out = record.copy()
     for key, value in record.items():
-        if isinstance(value, dict):
-            value = _copy(value)
-        elif isinstance(value, list):
-            value = list(value)
-        out[key] = value
+        kind = type(value)  # exact types: records hold plain dicts and lists (a hot path)
+        if kind is dict:
+            out[key] = _copy(value)
+        elif kind is list:
+            out[key] = value.copy()
     return out
 
 
