@@ -1,10 +1,10 @@
 """`APIHandler`: JSON in and out, bearer auth in `prepare()`, errors as JSON."""
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
+import orjson
 import tornado.httputil
 import tornado.web
 from tornado.httputil import HTTPServerRequest
@@ -95,8 +95,8 @@ class APIHandler(tornado.web.RequestHandler):
             raise PayloadTooLarge(f"request body is larger than {self.body_limit()} bytes")
         raw = b"".join(self._chunks)
         try:
-            document = json.loads(raw) if raw.strip() else None
-        except (ValueError, UnicodeDecodeError):
+            document = orjson.loads(raw) if raw.strip() else None
+        except orjson.JSONDecodeError:
             raise KisseError("request body is not valid JSON", code="malformed_json") from None
         if document is None:
             document = {}
@@ -131,7 +131,7 @@ class APIHandler(tornado.web.RequestHandler):
     def send_json(self, data: Any, status: int = 200) -> None:
         self.set_status(status)
         self.set_header("Content-Type", "application/json; charset=UTF-8")
-        self.finish(json.dumps(data, separators=(",", ":")))
+        self.finish(orjson.dumps(data))
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         render_error(self, status_code, kwargs.get("exc_info"), self.storage)
@@ -152,7 +152,7 @@ def render_error(handler: tornado.web.RequestHandler, status_code: int, exc_info
     if error.status == 401:
         handler.set_header("WWW-Authenticate", 'Bearer realm="kisse"')
     handler.set_header("Content-Type", "application/json; charset=UTF-8")
-    handler.finish(json.dumps({"error": error.to_dict()}))
+    handler.finish(orjson.dumps({"error": error.to_dict()}))
 
 
 _HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed",

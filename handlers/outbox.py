@@ -35,8 +35,8 @@ class Outbox:
         self._loop = asyncio.get_running_loop()
         self.unsent_bytes = 0  # queued here or still in the stream's buffer
 
-    def put(self, text: str) -> None:
-        payload = text.encode()
+    def put(self, payload: bytes) -> None:
+        """Queue one text frame (`payload` is its UTF-8 JSON)."""
         header = frame_header(len(payload))
         self.unsent_bytes += len(header) + len(payload)
         self._frames.append(header)

@@ -40,10 +40,10 @@ class GatewaySocket(tornado.websocket.WebSocketHandler):
 
     conn_id: str
     user_id: str
+    rt: Runtime
 
-    @property
-    def rt(self) -> Runtime:
-        return self.application.settings["kisse"]
+    def initialize(self) -> None:
+        self.rt = self.application.settings["kisse"]
 
     def check_origin(self, origin: str) -> bool:
         return True  # mobile clients and tokens, not cookies: no CSRF to guard against
@@ -76,7 +76,7 @@ class GatewaySocket(tornado.websocket.WebSocketHandler):
         self._closing = False
         self._inbox: deque[str | bytes] = deque()
         self._worker: asyncio.Task[None] | None = None
-        self._syncing: list[tuple[str, dict[str, Any], str]] | None = None
+        self._syncing: list[tuple[str, dict[str, Any], bytes]] | None = None
         self._pushed: dict[tuple[str, int], None] = {}
         self.set_nodelay(True)
         loop = asyncio.get_running_loop()
@@ -124,22 +124,22 @@ class GatewaySocket(tornado.websocket.WebSocketHandler):
         self.close(protocol.CLOSE_TOKEN_EXPIRED, "token expired")
 
     # -- outbound ------------------------------------------------------------
-    def push(self, event_type: str, data: dict[str, Any], text: str) -> None:
+    def push(self, event_type: str, data: dict[str, Any], frame: bytes) -> None:
         """Queue an event; drop the client if it has stopped reading."""
         self.rt.metrics.count_frame("out", event_type)
         if event_type == "message.new":
             if self._syncing is not None:
-                self._syncing.append((event_type, data, text))
+                self._syncing.append((event_type, data, frame))
                 return
             self._remember(data)
-        self._send(text)
+        self._send(frame)
 
     def _remember(self, message: dict[str, Any]) -> None:
         self._pushed[(message["conversation_id"], message["seq"])] = None
         if len(self._pushed) > PUSHED_MEMORY:
             del self._pushed[next(iter(self._pushed))]
 
-    def _send(self, text: str) -> None:
+    def _send(self, frame: bytes) -> None:
         if self._closing or self.ws_connection is None:
             return
         if self._outbox.unsent_bytes > self.rt.settings.ws_queue_bytes:
@@ -147,7 +147,7 @@ class GatewaySocket(tornado.websocket.WebSocketHandler):
             self._closing = True
             self.close(protocol.CLOSE_SLOW_CONSUMER, "slow consumer")
             return
-        self._outbox.put(text)
+        self._outbox.put(frame)
 
     def reply(self, kind: str, data: dict[str, Any], request_id: Any) -> None:
         self._send(protocol.encode(kind, data, request_id))
@@ -223,9 +223,9 @@ class GatewaySocket(tornado.websocket.WebSocketHandler):
                     after = page[-1]["seq"]
         finally:
             held, self._syncing = self._syncing, None
-            for event_type, data, text in held:
+            for event_type, data, frame in held:
                 if (data["conversation_id"], data["seq"]) not in sent:
-                    self.push(event_type, data, text)
+                    self.push(event_type, data, frame)
             self._pushed.clear()
         return {"messages": len(sent)}
 

@@ -16,14 +16,15 @@ import asyncio
 import base64
 import hashlib
 import hmac
-import json
 import logging
 import time
 from datetime import datetime, timedelta
 from typing import Any
 
+import orjson
+
+from kisse import protocol
 from kisse.errors import Conflict, NotFound, PayloadTooLarge
-from kisse.hub import encode_event
 from kisse.runtime import Runtime
 from kisse.views import call_view, page_cursor
 from storage.base import LIVE_CALL_STATUSES, Record, utcnow
@@ -188,7 +189,7 @@ async def relay(rt: Runtime, user_id: str, origin_conn: str, call_id: str, kind:
     call = await party_call(rt, user_id, call_id)
     if call["status"] not in LIVE_CALL_STATUSES:
         raise _invalid(call, "signal on")
-    size = len(json.dumps(payload, separators=(",", ":")))
+    size = len(orjson.dumps(payload))
     if size > rt.settings.max_signal:
         raise PayloadTooLarge(f"signalling payload is over {rt.settings.max_signal} bytes",
                               code="signal_too_large")
@@ -197,7 +198,7 @@ async def relay(rt: Runtime, user_id: str, origin_conn: str, call_id: str, kind:
     answered_on = rt.calls.answered_on.get(call_id)
     device = rt.hub.get(peer, answered_on) if peer == call["callee_id"] and answered_on else None
     if device is not None:
-        device.push(kind, event, encode_event(kind, event))
+        device.push(kind, event, protocol.encode(kind, event))
         delivered = 1
     else:
         delivered = rt.hub.publish([peer], kind, event)

@@ -6,23 +6,20 @@ once and the same text is written to every connection.
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
+
+from kisse.protocol import encode
 
 
 class Connection(Protocol):
     conn_id: str
     user_id: str
 
-    def push(self, event_type: str, data: dict[str, Any], text: str) -> None:
-        """Queue an already-encoded event frame (`text`) for this client."""
+    def push(self, event_type: str, data: dict[str, Any], frame: bytes) -> None:
+        """Queue an already-encoded event frame for this client."""
 
     def close(self, code: int | None = None, reason: str | None = None) -> None: ...
-
-
-def encode_event(event_type: str, data: dict[str, Any]) -> str:
-    return json.dumps({"type": event_type, "data": data}, separators=(",", ":"))
 
 
 class Hub:
@@ -68,12 +65,12 @@ class Hub:
     def publish(self, user_ids: Iterable[str], event_type: str, data: dict[str, Any],
                 exclude_conn: str | None = None) -> int:
         """Send an event to every connection of `user_ids` (but `exclude_conn`)."""
-        text = encode_event(event_type, data)
+        frame = encode(event_type, data)
         sent = 0
         for user_id in dict.fromkeys(user_ids):
             for connection in list(self._by_user.get(user_id, {}).values()):
                 if connection.conn_id != exclude_conn:
-                    connection.push(event_type, data, text)
+                    connection.push(event_type, data, frame)
                     sent += 1
         return sent
 

@@ -6,7 +6,7 @@ server pushes carry no id.
 """
 from __future__ import annotations
 
-import json
+import orjson
 from typing import Any
 
 from kisse.errors import BadRequest, KisseError
@@ -66,8 +66,8 @@ def parse(text: str | bytes) -> tuple[str, Any, dict[str, Any]]:
     if isinstance(text, bytes):
         raise FrameError("frames must be JSON text, not binary", "binary_frame")
     try:
-        frame = json.loads(text)
-    except ValueError:
+        frame = orjson.loads(text)
+    except orjson.JSONDecodeError:
         raise FrameError("frame is not valid JSON", "malformed_json") from None
     request_id = frame.get("id") if isinstance(frame, dict) else None
     if isinstance(request_id, (dict, list, bool, float)):
@@ -100,9 +100,8 @@ def _plain_envelope(frame: Any) -> bool:
 _KEYS = frozenset(ENVELOPE["properties"])
 
 
-def encode(kind: str, data: dict[str, Any], request_id: Any = None) -> str:
-    frame: dict[str, Any] = {"type": kind}
-    if request_id is not None:
-        frame["id"] = request_id
-    frame["data"] = data
-    return json.dumps(frame, separators=(",", ":"))
+def encode(kind: str, data: dict[str, Any], request_id: Any = None) -> bytes:
+    """A frame as compact UTF-8 JSON (orjson: several times faster than `json`, a hot path)."""
+    if request_id is None:
+        return orjson.dumps({"type": kind, "data": data})
+    return orjson.dumps({"type": kind, "id": request_id, "data": data})
