@@ -16,6 +16,7 @@ from collections.abc import Callable
 from tornado.iostream import IOStream, StreamClosedError
 
 TEXT_FRAME = 0x81  # FIN + opcode 1
+QUIET = 4
 
 
 def frame_header(size: int) -> bytes:
@@ -29,20 +30,32 @@ def frame_header(size: int) -> bytes:
 class Outbox:
     """Text frames waiting for the next flush, and the bytes not yet handed to the kernel."""
 
+    # Outboxes (all connections) with a flush scheduled for this loop pass: a
+    # measure of how busy the server is right now.
+    waiting = 0
+
     def __init__(self, stream: IOStream) -> None:
         self._stream = stream
         self._frames: list[bytes] = []
         self._loop = asyncio.get_running_loop()
         self.unsent_bytes = 0  # queued here or still in the stream's buffer
 
-    def put(self, payload: bytes) -> None:
-        """Queue one text frame (`payload` is its UTF-8 JSON)."""
+    def put(self, payload: bytes, urgent: bool = False) -> None:
+        """Queue one text frame (`payload` is its UTF-8 JSON). An urgent one is written
+        at once when the server is quiet, so its reader can start on it meanwhile."""
         header = frame_header(len(payload))
         self.unsent_bytes += len(header) + len(payload)
         self._frames.append(header)
         self._frames.append(payload)
-        if len(self._frames) == 2:
-            self._loop.call_soon(self.flush)
+        if urgent and Outbox.waiting < QUIET:
+            self.flush()
+        elif len(self._frames) == 2:
+            Outbox.waiting += 1
+            self._loop.call_soon(self._scheduled_flush)
+
+    def _scheduled_flush(self) -> None:
+        Outbox.waiting -= 1
+        self.flush()
 
     def flush(self) -> asyncio.Future[None] | None:
         """Write every queued frame now; the future resolves once the kernel has them."""

@@ -126,12 +126,14 @@ class GatewaySocket(tornado.websocket.WebSocketHandler):
     # -- outbound ------------------------------------------------------------
     def push(self, event_type: str, data: dict[str, Any], frame: bytes) -> None:
         """Queue an event; drop the client if it has stopped reading."""
-        self.rt.metrics.count_frame("out", event_type)
+        self.rt.metrics.frames.count("out", event_type)
         if event_type == "message.new":
             if self._syncing is not None:
                 self._syncing.append((event_type, data, frame))
                 return
             self._remember(data)
+            self._send(frame, urgent=True)
+            return
         self._send(frame)
 
     def _remember(self, message: dict[str, Any]) -> None:
@@ -139,7 +141,7 @@ class GatewaySocket(tornado.websocket.WebSocketHandler):
         if len(self._pushed) > PUSHED_MEMORY:
             del self._pushed[next(iter(self._pushed))]
 
-    def _send(self, frame: bytes) -> None:
+    def _send(self, frame: bytes, urgent: bool = False) -> None:
         if self._closing or self.ws_connection is None:
             return
         if self._outbox.unsent_bytes > self.rt.settings.ws_queue_bytes:
@@ -147,7 +149,7 @@ class GatewaySocket(tornado.websocket.WebSocketHandler):
             self._closing = True
             self.close(protocol.CLOSE_SLOW_CONSUMER, "slow consumer")
             return
-        self._outbox.put(frame)
+        self._outbox.put(frame, urgent)
 
     def reply(self, kind: str, data: dict[str, Any], request_id: Any) -> None:
         self._send(protocol.encode(kind, data, request_id))
@@ -176,7 +178,7 @@ class GatewaySocket(tornado.websocket.WebSocketHandler):
         request_id = None
         try:
             kind, request_id, data = protocol.parse(message)
-            self.rt.metrics.count_frame("in", kind)
+            self.rt.metrics.frames.count("in", kind)
             result = await ACTIONS[kind](self, data)
             if kind == "ping":
                 self.reply("pong", result, request_id)

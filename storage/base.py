@@ -7,6 +7,7 @@ Callers own what they get back: backends never hand out their internal state.
 from __future__ import annotations
 
 import secrets
+import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from datetime import datetime, timezone
@@ -47,8 +48,8 @@ def new_id() -> str:
 
 def utcnow() -> datetime:
     """Now in UTC, truncated to milliseconds (MongoDB's date precision)."""
-    now = datetime.now(timezone.utc)
-    return now.replace(microsecond=now.microsecond // 1000 * 1000)
+    # fromtimestamp rounds to the nearest microsecond, so whole milliseconds stay exact.
+    return datetime.fromtimestamp(time.time_ns() // 1_000_000 / 1000, timezone.utc)
 
 
 class BlobWriter(ABC):
