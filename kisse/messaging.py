@@ -168,11 +168,9 @@ async def mark(rt: Runtime, user_id: str, message_id: str, kind: ReceiptKind,
     (all their connections but `origin_conn`, whose reply carries the receipt)."""
     message, members = await member_message(rt, user_id, message_id)
     conversation_id = message["conversation_id"]
-    before = (await rt.storage.get_receipts(conversation_id)).get(user_id)
-    receipt = await rt.storage.advance_receipt(conversation_id, user_id, kind, message["seq"])
+    receipt, moved = await rt.storage.advance_receipt(conversation_id, user_id, kind, message["seq"])
     event = {"conversation_id": conversation_id, **receipt}
-    if before is None or (before["delivered_seq"], before["read_seq"]) != (
-            receipt["delivered_seq"], receipt["read_seq"]):
+    if moved:
         rt.hub.publish(members, "message.receipt", event, exclude_conn=origin_conn)
     return event
 

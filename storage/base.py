@@ -175,9 +175,9 @@ class Storage(ABC):
     # -- receipts ------------------------------------------------------------
     @abstractmethod
     async def advance_receipt(self, conversation_id: str, user_id: str, kind: ReceiptKind,
-                              seq: int) -> Record:
+                              seq: int) -> tuple[Record, bool]:
         """Move a member's cursor forward (never back); read also moves delivered.
-        Return `{user_id, delivered_seq, read_seq}` as stored afterwards."""
+        Return `({user_id, delivered_seq, read_seq} as stored afterwards, whether it moved)`."""
 
     @abstractmethod
     async def get_receipts(self, conversation_id: str) -> dict[str, Record]:

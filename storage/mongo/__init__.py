@@ -203,12 +203,16 @@ class MongoStorage(MessagesMixin, CallsMixin, Storage):
 
     # -- receipts ------------------------------------------------------------
     async def advance_receipt(self, conversation_id: str, user_id: str, kind: ReceiptKind,
-                              seq: int) -> Record:
-        # $max never moves a cursor back; on insert it also creates the field.
-        update = {"$max": {"delivered_seq": seq, "read_seq": seq if kind == "read" else 0},
+                              seq: int) -> tuple[Record, bool]:
+        # $max never moves a cursor back; on insert it also creates the field. The
+        # document from before the update tells whether it moved, in one round trip.
+        read_seq = seq if kind == "read" else 0
+        update = {"$max": {"delivered_seq": seq, "read_seq": read_seq},
                   "$setOnInsert": {"conversation_id": conversation_id, "user_id": user_id}}
-        doc = await _upsert(self._receipts, f"{conversation_id}:{user_id}", update)
-        return {"user_id": user_id, "delivered_seq": doc["delivered_seq"], "read_seq": doc["read_seq"]}
+        old = await _upsert(self._receipts, f"{conversation_id}:{user_id}", update, ReturnDocument.BEFORE)
+        before = (old["delivered_seq"], old["read_seq"]) if old else (0, 0)
+        after = (max(before[0], seq), max(before[1], read_seq))
+        return {"user_id": user_id, "delivered_seq": after[0], "read_seq": after[1]}, after != before
 
     async def get_receipts(self, conversation_id: str) -> dict[str, Record]:
         cursor = self._receipts.find({"conversation_id": conversation_id})
@@ -246,12 +250,12 @@ def _presence(doc: dict[str, Any]) -> Record:
     return {"user_id": doc["_id"], "status": doc.get("status", "online"), "last_seen": doc.get("last_seen")}
 
 
-async def _upsert(collection: Any, key: str, update: dict[str, Any]) -> dict[str, Any]:
-    """`find_one_and_update(upsert=True)` returning the new document. Two first
-    writers can race on the insert; the loser's retry then updates the winner's."""
+async def _upsert(collection: Any, key: str, update: dict[str, Any],
+                  returned: bool = ReturnDocument.AFTER) -> dict[str, Any] | None:
+    """`find_one_and_update(upsert=True)` returning the new document (or the old
+    one, None if there was none). Two first writers can race on the insert; the
+    loser's retry then updates the winner's."""
     try:
-        return await collection.find_one_and_update({"_id": key}, update, upsert=True,
-                                                    return_document=ReturnDocument.AFTER)
+        return await collection.find_one_and_update({"_id": key}, update, upsert=True, return_document=returned)
     except DuplicateKeyError:
-        return await collection.find_one_and_update({"_id": key}, update, upsert=True,
-                                                    return_document=ReturnDocument.AFTER)
+        return await collection.find_one_and_update({"_id": key}, update, upsert=True, return_document=returned)

@@ -162,14 +162,18 @@ async def test_receipts_only_move_forward_and_read_implies_delivered(storage):
     a, b = await make_users(storage, "walt", "xena")
     conv, _ = await storage.get_or_create_direct(a["id"], b["id"])
     assert await storage.get_receipts(conv["id"]) == {}
-    r = await storage.advance_receipt(conv["id"], b["id"], "delivered", 5)
-    assert r == {"user_id": b["id"], "delivered_seq": 5, "read_seq": 0}
-    r = await storage.advance_receipt(conv["id"], b["id"], "delivered", 2)
-    assert r["delivered_seq"] == 5
-    r = await storage.advance_receipt(conv["id"], b["id"], "read", 7)
-    assert r == {"user_id": b["id"], "delivered_seq": 7, "read_seq": 7}
-    r = await storage.advance_receipt(conv["id"], b["id"], "read", 3)
-    assert r["read_seq"] == 7
+    r, moved = await storage.advance_receipt(conv["id"], b["id"], "delivered", 5)
+    assert (r, moved) == ({"user_id": b["id"], "delivered_seq": 5, "read_seq": 0}, True)
+    r, moved = await storage.advance_receipt(conv["id"], b["id"], "delivered", 2)
+    assert (r["delivered_seq"], moved) == (5, False)
+    r, moved = await storage.advance_receipt(conv["id"], b["id"], "read", 7)
+    assert (r, moved) == ({"user_id": b["id"], "delivered_seq": 7, "read_seq": 7}, True)
+    r, moved = await storage.advance_receipt(conv["id"], b["id"], "read", 3)
+    assert (r["read_seq"], moved) == (7, False)
+    r, moved = await storage.advance_receipt(conv["id"], b["id"], "read", 5)  # delivered 7, read 7: no move
+    assert moved is False
+    r, moved = await storage.advance_receipt(conv["id"], a["id"], "read", 4)  # a first receipt that is a read
+    assert (r, moved) == ({"user_id": a["id"], "delivered_seq": 4, "read_seq": 4}, True)
     assert (await storage.get_receipts(conv["id"]))[b["id"]]["read_seq"] == 7
 
 
