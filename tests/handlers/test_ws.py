@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import os
 import time
 
 import jwt
@@ -91,6 +93,42 @@ async def test_message_fans_out_to_every_device_and_transport(api, ws_url):
     again = await wa.ok("message.send", {"conversation_id": conv["id"], "client_message_id": "ws1"})
     assert again == {"message": message, "created": False}
     await wb.no_event("message.new", 0.1)
+
+
+async def test_a_burst_of_requests_is_answered_in_order_and_nothing_is_lost(api, ws_url):
+    """200 sends written back to back: far past the 16 requests a connection may
+    have waiting, so the server pauses reading and resumes; every one is stored,
+    acked in order and pushed in order."""
+    (ta, a, wa), (tb, b, wb), conv = await pair(api, ws_url)
+    count = 200
+    for n in range(count):
+        wa.conn.write_message(json.dumps({"type": "message.send", "id": f"b{n}", "data": {
+            "conversation_id": conv["id"], "client_message_id": f"burst-{n}", "ciphertext": "AAEC"}}))
+    acks = [await wa.event("ack") for _ in range(count)]  # ids not awaited by request() land in events
+    assert [f["id"] for f in acks] == [f"b{n}" for n in range(count)]
+    assert [f["data"]["message"]["seq"] for f in acks] == list(range(1, count + 1))
+    pushed = [(await wb.event("message.new"))["data"]["seq"] for _ in range(count)]
+    assert pushed == list(range(1, count + 1))
+
+
+async def test_frames_of_every_length_encoding_arrive_intact(api, ws_url, settings):
+    """Server frames use a 7-bit, 16-bit or 64-bit length by size: a message.new of
+    each size reaches the peer byte for byte, non-ASCII text included."""
+    (ta, a, wa), (tb, b, wb), conv = await pair(api, ws_url)
+    for size in (3, 1000, settings.max_inline_ciphertext):  # the last one's frame is over 64 KiB
+        ciphertext = base64.b64encode(os.urandom(size)).decode()
+        sent = await wa.ok("message.send", {"conversation_id": conv["id"], "client_message_id": f"len-{size}",
+                                            "ciphertext": ciphertext})
+        assert (await wb.event("message.new"))["data"] == sent["message"]
+        assert sent["message"]["ciphertext"] == ciphertext
+    # Non-ASCII goes out as UTF-8: a new group's event carries the display names.
+    status, body = await api.call("POST", "/api/auth/register", body={
+        "username": "zoe", "password": "password123", "display_name": "Zoë 雪 🙂"})
+    assert status == 201, body
+    await api.conversation(ta, b, body["user"], title="Café ☕")
+    event = (await wb.event("conversation.new"))["data"]
+    assert event["title"] == "Café ☕"
+    assert "Zoë 雪 🙂" in [p["display_name"] for p in event["participants"]]
 
 
 async def test_receipts_reach_the_sender_live(api, ws_url):
