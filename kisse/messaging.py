@@ -77,15 +77,22 @@ async def create_conversation(rt: Runtime, user_id: str, participant_ids: list[s
 
 async def conversation_view(rt: Runtime, conversation: Record, viewer_id: str) -> dict[str, Any]:
     """A conversation as `viewer_id` sees it: participants with presence, last message, unread."""
-    users = {u["id"]: u for u in await rt.storage.get_users(conversation["participant_ids"])}
-    participants = []
-    for member_id in conversation["participant_ids"]:
-        user = users.get(member_id)
-        if user is None:
-            continue
-        participants.append({"id": user["id"], "username": user["username"],
-                             "display_name": user["display_name"],
-                             "presence": await presence.effective(rt, member_id)})
+    return (await conversation_views(rt, [conversation], viewer_id))[0]
+
+
+async def conversation_views(rt: Runtime, conversations: list[Record], viewer_id: str) -> list[dict[str, Any]]:
+    """`conversation_view` of each, with one read of users and one of presence for them all."""
+    member_ids = list(dict.fromkeys(m for c in conversations for m in c["participant_ids"]))
+    users = {u["id"]: u for u in await rt.storage.get_users(member_ids)}
+    presences = await rt.storage.get_presences(member_ids)
+    return [await _conversation_view(rt, c, viewer_id, users, presences) for c in conversations]
+
+
+async def _conversation_view(rt: Runtime, conversation: Record, viewer_id: str, users: dict[str, Record],
+                             presences: dict[str, Record]) -> dict[str, Any]:
+    participants = [{"id": user["id"], "username": user["username"], "display_name": user["display_name"],
+                     "presence": presence.shown(rt, user["id"], presences.get(user["id"]))}
+                    for user in (users.get(m) for m in conversation["participant_ids"]) if user is not None]
     receipt = (await rt.storage.get_receipts(conversation["id"])).get(viewer_id)
     read_seq = receipt["read_seq"] if receipt else 0
     unread = (await rt.storage.count_unread(conversation["id"], viewer_id, read_seq)
@@ -103,7 +110,7 @@ async def list_conversations(rt: Runtime, user_id: str, limit: int,
     conversations = await rt.storage.list_conversations(user_id, limit + 1, before)
     page = conversations[:limit]
     cursor = page_cursor(page[-1]["last_activity_at"], page[-1]["id"]) if len(conversations) > limit else None
-    return {"conversations": [await conversation_view(rt, c, user_id) for c in page], "next_before": cursor}
+    return {"conversations": await conversation_views(rt, page, user_id), "next_before": cursor}
 
 
 # -- messages -----------------------------------------------------------------

@@ -61,7 +61,7 @@ class PresenceTracker:
     async def _announce(self, user_id: str) -> None:
         """Stamp last_seen and tell contacts the user's presence as it now shows."""
         try:
-            record = await self.rt.storage.get_presence(user_id)
+            record = (await self.rt.storage.get_presences([user_id])).get(user_id)
             invisible = record is not None and record["status"] == "offline"
             if not invisible:
                 record = await self.rt.storage.set_presence(user_id, last_seen=utcnow())
@@ -80,7 +80,12 @@ class PresenceTracker:
 async def effective(rt: Runtime, user_id: str, record: dict[str, Any] | None = None) -> dict[str, Any]:
     """The presence others see for `user_id`."""
     if record is None:
-        record = await rt.storage.get_presence(user_id)
+        record = (await rt.storage.get_presences([user_id])).get(user_id)
+    return shown(rt, user_id, record)
+
+
+def shown(rt: Runtime, user_id: str, record: dict[str, Any] | None) -> dict[str, Any]:
+    """The presence others see for `user_id`, given its stored record (None: never set)."""
     chosen = record["status"] if record else "online"
     last_seen = record["last_seen"] if record else None
     status = chosen if rt.presence.is_present(user_id) else "offline"

@@ -197,8 +197,8 @@ class Storage(ABC):
 
     # -- presence ------------------------------------------------------------
     @abstractmethod
-    async def get_presence(self, user_id: str) -> Record | None:
-        """`{user_id, status, last_seen}` as last stored, or None."""
+    async def get_presences(self, user_ids: list[str]) -> dict[str, Record]:
+        """`{user_id, status, last_seen}` as last stored, by user id, for those that have one."""
 
     @abstractmethod
     async def set_presence(self, user_id: str, *, status: str | None = None,

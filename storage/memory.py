@@ -267,9 +267,8 @@ class MemoryStorage(Storage):
         self._blobs.pop(blob_id, None)
 
     # -- presence ------------------------------------------------------------
-    async def get_presence(self, user_id: str) -> Record | None:
-        record = self._presence.get(user_id)
-        return dict(record) if record else None
+    async def get_presences(self, user_ids: list[str]) -> dict[str, Record]:
+        return {u: dict(self._presence[u]) for u in user_ids if u in self._presence}
 
     async def set_presence(self, user_id: str, *, status: str | None = None,
                            last_seen: datetime | None = None) -> Record:

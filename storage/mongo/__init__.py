@@ -230,9 +230,8 @@ class MongoStorage(MessagesMixin, CallsMixin, Storage):
         await blobs.delete_blob(self._bucket, blob_id)
 
     # -- presence ------------------------------------------------------------
-    async def get_presence(self, user_id: str) -> Record | None:
-        doc = await self._presence.find_one({"_id": user_id})
-        return _presence(doc) if doc else None
+    async def get_presences(self, user_ids: list[str]) -> dict[str, Record]:
+        return {doc["_id"]: _presence(doc) async for doc in self._presence.find({"_id": {"$in": list(user_ids)}})}
 
     async def set_presence(self, user_id: str, *, status: str | None = None,
                            last_seen: datetime | None = None) -> Record:

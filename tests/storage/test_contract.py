@@ -233,14 +233,16 @@ async def test_attach_content_is_compare_and_set(storage):
 
 
 async def test_presence_defaults_and_updates(storage):
-    (a,) = await make_users(storage, "abe")
-    assert await storage.get_presence(a["id"]) is None
+    a, b, c = await make_users(storage, "abe", "bea", "cid")
+    assert await storage.get_presences([a["id"], b["id"]]) == {}
     record = await storage.set_presence(a["id"], status="away")
     assert record == {"user_id": a["id"], "status": "away", "last_seen": None}
     seen = utcnow()
     record = await storage.set_presence(a["id"], last_seen=seen)
     assert record == {"user_id": a["id"], "status": "away", "last_seen": seen}
-    assert await storage.get_presence(a["id"]) == record
+    other = await storage.set_presence(c["id"], status="busy")
+    assert await storage.get_presences([a["id"], b["id"], c["id"], "0" * 24]) == {a["id"]: record, c["id"]: other}
+    assert await storage.get_presences([]) == {}
 
 
 async def test_calls_busy_detection_and_compare_and_set(storage):
