@@ -30,6 +30,8 @@ def frame_header(size: int) -> bytes:
 class Outbox:
     """Text frames waiting for the next flush, and the bytes not yet handed to the kernel."""
 
+    __slots__ = ("_stream", "_frames", "_loop", "unsent_bytes")  # one per connection
+
     # Outboxes (all connections) with a flush scheduled for this loop pass: a
     # measure of how busy the server is right now.
     waiting = 0

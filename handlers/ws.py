@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -74,7 +73,7 @@ class GatewaySocket(tornado.websocket.WebSocketHandler):
         assert self.ws_connection is not None
         self._outbox = Outbox(self.ws_connection.stream)
         self._closing = False
-        self._inbox: deque[str | bytes] = deque()
+        self._inbox: list[str | bytes] = []  # at most INBOX_FRAMES: a list is smallest
         self._worker: asyncio.Task[None] | None = None
         self._syncing: list[tuple[str, dict[str, Any], bytes]] | None = None
         self._pushed: dict[tuple[str, int], None] = {}
@@ -169,7 +168,7 @@ class GatewaySocket(tornado.websocket.WebSocketHandler):
     async def _work(self) -> None:
         try:
             while self._inbox:
-                await self._handle(self._inbox.popleft())
+                await self._handle(self._inbox.pop(0))
         finally:
             self._worker = None
 
