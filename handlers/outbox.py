@@ -4,8 +4,11 @@ event-loop pass leave in a single stream write.
 Tornado's `write_message` builds each frame with its own Task, future and
 syscall. A chat relay sends several small frames per message (the event, the
 sender's ack, receipts), so batching them is most of the server's output cost
-(see benchmarks/README.md). Frames are plain RFC 6455 server frames: FIN,
-text opcode, unmasked, and uncompressed because Kisse never negotiates
+(see benchmarks/README.md). One exception: a `message.new` is written at once
+while the server is quiet (few connections waiting for a flush), so its
+recipient can start on it while the server carries on; under load it is
+batched like the rest. Frames are plain RFC 6455 server frames: FIN, text
+opcode, unmasked, and uncompressed because Kisse never negotiates
 permessage-deflate (ciphertext does not compress).
 """
 from __future__ import annotations
@@ -13,10 +16,14 @@ from __future__ import annotations
 import asyncio
 import struct
 from collections.abc import Callable
+
 from tornado.iostream import IOStream, StreamClosedError
 
+from kisse.hub import Hub
+
 TEXT_FRAME = 0x81  # FIN + opcode 1
-QUIET = 4
+QUIET = 4  # below this many outboxes waiting for a flush, urgent frames go out at once
+FLUSH_BYTES = 64 * 1024  # queued bytes that are written without waiting for the loop pass to end
 
 
 def frame_header(size: int) -> bytes:
@@ -30,42 +37,42 @@ def frame_header(size: int) -> bytes:
 class Outbox:
     """Text frames waiting for the next flush, and the bytes not yet handed to the kernel."""
 
-    __slots__ = ("_stream", "_frames", "_loop", "unsent_bytes")  # one per connection
+    __slots__ = ("_stream", "_hub", "_loop", "_frames", "_queued", "_scheduled", "_closed", "unsent_bytes")
 
-    # Outboxes (all connections) with a flush scheduled for this loop pass: a
-    # measure of how busy the server is right now.
-    waiting = 0
-
-    def __init__(self, stream: IOStream) -> None:
+    def __init__(self, stream: IOStream, hub: Hub) -> None:
         self._stream = stream
-        self._frames: list[bytes] = []
+        self._hub = hub  # keeps the app's count of outboxes waiting for a flush
         self._loop = asyncio.get_running_loop()
+        self._frames: list[bytes] = []
+        self._queued = 0
+        self._scheduled = False
+        self._closed = False
         self.unsent_bytes = 0  # queued here or still in the stream's buffer
 
     def put(self, payload: bytes, urgent: bool = False) -> None:
-        """Queue one text frame (`payload` is its UTF-8 JSON). An urgent one is written
-        at once when the server is quiet, so its reader can start on it meanwhile."""
-        header = frame_header(len(payload))
-        self.unsent_bytes += len(header) + len(payload)
-        self._frames.append(header)
-        self._frames.append(payload)
-        if urgent and Outbox.waiting < QUIET:
+        """Queue one text frame (`payload` is its UTF-8 JSON) for the end of this loop pass.
+        An urgent one is written at once if the server is quiet."""
+        if not self._queue(payload):
+            return
+        if urgent and self._hub.flushes_waiting < QUIET:
             self.flush()
-        elif len(self._frames) == 2:
-            Outbox.waiting += 1
+        elif not self._scheduled:
+            self._scheduled = True
+            self._hub.flushes_waiting += 1
             self._loop.call_soon(self._scheduled_flush)
 
-    def _scheduled_flush(self) -> None:
-        Outbox.waiting -= 1
-        self.flush()
+    def write_now(self, payload: bytes) -> asyncio.Future[None] | None:
+        """Write this frame (after those queued) now; see `flush`."""
+        return self.flush() if self._queue(payload) else None
 
     def flush(self) -> asyncio.Future[None] | None:
         """Write every queued frame now; the future resolves once the kernel has them."""
-        if not self._frames or self._stream.closed():
+        if not self._frames or self._closed or self._stream.closed():
             self._frames.clear()
             return None
         data = b"".join(self._frames)
         self._frames.clear()
+        self._queued = 0
         try:
             future = self._stream.write(data)
         except StreamClosedError:
@@ -75,6 +82,29 @@ class Outbox:
         else:
             future.add_done_callback(self._written(len(data)))
         return future
+
+    def close(self) -> None:
+        """Drop what is queued and refuse more: the close frame is the last one."""
+        self._closed = True
+        self._frames.clear()
+
+    def _queue(self, payload: bytes) -> bool:
+        if self._closed:
+            return False
+        header = frame_header(len(payload))
+        size = len(header) + len(payload)
+        self._frames.append(header)
+        self._frames.append(payload)
+        self._queued += size
+        self.unsent_bytes += size
+        if self._queued >= FLUSH_BYTES:
+            self.flush()
+        return True
+
+    def _scheduled_flush(self) -> None:
+        self._scheduled = False
+        self._hub.flushes_waiting -= 1
+        self.flush()
 
     def _written(self, size: int) -> Callable[[asyncio.Future[None]], None]:
         def done(_: asyncio.Future[None]) -> None:

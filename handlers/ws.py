@@ -14,6 +14,7 @@ from tornado.iostream import StreamClosedError
 from handlers.base import bearer_token, render_error
 from handlers.outbox import Outbox
 from kisse import auth, calls, messaging, presence, protocol
+from kisse.eager import run_eagerly
 from kisse.errors import KisseError
 from kisse.logs import new_request_id
 from kisse.runtime import Runtime
@@ -71,7 +72,7 @@ class GatewaySocket(tornado.websocket.WebSocketHandler):
 
     def open(self, *args: Any, **kwargs: Any) -> None:
         assert self.ws_connection is not None
-        self._outbox = Outbox(self.ws_connection.stream)
+        self._outbox = Outbox(self.ws_connection.stream, self.rt.hub)
         self._closing = False
         self._inbox: list[str | bytes] = []  # at most INBOX_FRAMES: a list is smallest
         self._worker: asyncio.Task[None] | None = None
@@ -104,6 +105,8 @@ class GatewaySocket(tornado.websocket.WebSocketHandler):
 
     def on_close(self) -> None:
         self._closing = True
+        if hasattr(self, "_inbox"):
+            self._inbox.clear()  # requests not started yet die with the connection
         if hasattr(self, "_expiry"):
             self._expiry.cancel()
             self._heartbeat.cancel()
@@ -111,8 +114,11 @@ class GatewaySocket(tornado.websocket.WebSocketHandler):
 
     def close(self, code: int | None = None, reason: str | None = None) -> None:
         connection = self.ws_connection
-        if connection is not None and reason not in DEAD_PEER_REASONS and hasattr(self, "_outbox"):
-            self._outbox.flush()  # what was queued goes before the close frame
+        if hasattr(self, "_outbox"):
+            if reason not in DEAD_PEER_REASONS:
+                self._outbox.flush()  # what was queued goes before the close frame
+            self._outbox.close()
+        self._closing = True
         super().close(code, reason)
         if connection is not None and reason in DEAD_PEER_REASONS:
             # A peer that doesn't answer pings or read frames won't answer a close
@@ -161,13 +167,14 @@ class GatewaySocket(tornado.websocket.WebSocketHandler):
         self._answered = True
         self._inbox.append(message)
         if self._worker is None:
-            # One task per burst of frames, not per frame (see benchmarks/README.md).
-            self._worker = asyncio.ensure_future(self._work())
+            # Handled right here unless it has to wait (kisse/eager.py); the Task
+            # that then carries on also takes the frames arriving meanwhile.
+            self._worker = run_eagerly(self._work())
         return self._worker if len(self._inbox) >= INBOX_FRAMES else None
 
     async def _work(self) -> None:
         try:
-            while self._inbox:
+            while self._inbox and not self._closing:
                 await self._handle(self._inbox.pop(0))
         finally:
             self._worker = None
@@ -234,8 +241,7 @@ class GatewaySocket(tornado.websocket.WebSocketHandler):
         """Write and wait for the socket: catch-up is paced by the client's reading."""
         if self._closing:
             return
-        self._outbox.put(protocol.encode(kind, data))
-        written = self._outbox.flush()
+        written = self._outbox.write_now(protocol.encode(kind, data))
         if written is not None:
             try:
                 await written

@@ -24,7 +24,7 @@ from typing import Any
 import orjson
 
 from kisse import protocol
-from kisse.errors import Conflict, NotFound, PayloadTooLarge
+from kisse.errors import BadRequest, Conflict, NotFound, PayloadTooLarge
 from kisse.runtime import Runtime
 from kisse.views import call_view, page_cursor
 from storage.base import LIVE_CALL_STATUSES, Record, utcnow
@@ -189,7 +189,11 @@ async def relay(rt: Runtime, user_id: str, origin_conn: str, call_id: str, kind:
     call = await party_call(rt, user_id, call_id)
     if call["status"] not in LIVE_CALL_STATUSES:
         raise _invalid(call, "signal on")
-    size = len(orjson.dumps(payload))
+    try:
+        size = len(orjson.dumps(payload))
+    except orjson.JSONEncodeError:  # orjson writes at most 255 levels of nesting
+        raise BadRequest("payload is nested too deeply", code="invalid_field",
+                         details={"field": "payload"}) from None
     if size > rt.settings.max_signal:
         raise PayloadTooLarge(f"signalling payload is over {rt.settings.max_signal} bytes",
                               code="signal_too_large")

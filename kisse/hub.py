@@ -31,6 +31,9 @@ class Hub:
         self.on_first_connection: list[Callable[[str], Any]] = []
         self.on_last_disconnection: list[Callable[[str], Any]] = []
         self.on_connection_closed: list[Callable[[Connection], Any]] = []
+        # Connections with frames waiting for the end of this loop pass (handlers/outbox.py):
+        # how busy writing is right now.
+        self.flushes_waiting = 0
 
     def add(self, connection: Connection) -> None:
         devices = self._by_user.setdefault(connection.user_id, {})

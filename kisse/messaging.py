@@ -35,9 +35,8 @@ async def get_user(rt: Runtime, user_id: str) -> dict[str, Any]:
 # -- conversations --------------------------------------------------------------
 async def member_conversation(rt: Runtime, user_id: str, conversation_id: str) -> Record:
     """The conversation if `user_id` belongs to it; 404 alike for absent and foreign ones."""
-    await conversation_members(rt, user_id, conversation_id)
     conversation = await rt.storage.get_conversation(conversation_id)
-    if conversation is None:
+    if conversation is None or user_id not in conversation["participant_ids"]:
         raise NotFound("no such conversation", code="conversation_not_found")
     return conversation
 

@@ -70,7 +70,9 @@ def parse(text: str | bytes) -> tuple[str, Any, dict[str, Any]]:
     except orjson.JSONDecodeError:
         raise FrameError("frame is not valid JSON", "malformed_json") from None
     request_id = frame.get("id") if isinstance(frame, dict) else None
-    if isinstance(request_id, (dict, list, bool, float)):
+    if isinstance(request_id, float):  # 2.0, or an integer too big for 64 bits (orjson reads it as a float)
+        raise FrameError("id must be a string or an integer of at most 64 bits", "invalid_field")
+    if isinstance(request_id, (dict, list, bool)):
         request_id = None
     try:
         if not _plain_envelope(frame):  # the schema only runs to explain what is wrong

@@ -191,6 +191,11 @@ async def test_signalling_relays_only_between_the_parties(api, ws_url, settings)
     assert reply["type"] == "error" and reply["data"]["code"] == "call_not_found"
     reply = await wa.request("call.offer", {"call_id": call["id"], "payload": "x" * (settings.max_signal + 1)})
     assert reply["type"] == "error" and reply["data"]["code"] == "signal_too_large"
+    deep: list = []
+    for _ in range(300):  # valid JSON, deeper than the 255 levels a payload may nest
+        deep = [deep]
+    reply = await wa.request("call.ice", {"call_id": call["id"], "payload": deep})
+    assert reply["type"] == "error" and reply["data"]["code"] == "invalid_field"
     ended = (await wb2.ok("call.hangup", {"call_id": call["id"], "payload": {"reason": "bye"}}))["call"]
     assert ended["status"] == "ended"
     assert (await wa.event("call.hangup"))["data"]["payload"] == {"reason": "bye"}

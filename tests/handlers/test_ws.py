@@ -57,6 +57,12 @@ async def test_bad_frames_get_error_frames_and_the_connection_stays(api, ws_url)
     assert reply["type"] == "error" and reply["data"]["code"] == "missing_fields"
     reply = await ws.request("message.send", {"conversation_id": "0" * 24, "client_message_id": "x"})
     assert reply["type"] == "error" and reply["data"]["code"] == "conversation_not_found"
+    for bad_id in ("1.5", "2.0", "123456789012345678901234567890"):  # only strings and 64-bit integers
+        ws.conn.write_message('{"type": "ping", "id": %s}' % bad_id)
+        frame = await ws.event("error")
+        assert frame["data"]["code"] == "invalid_field" and "id" not in frame
+    ws.conn.write_message('{"type": "ping", "data": {"s": "\\ud800"}}')  # a lone surrogate is not text
+    assert (await ws.event("error"))["data"]["code"] == "malformed_json"
     ws.conn.write_message(b"\x00binary", binary=True)
     assert (await ws.event("error"))["data"]["code"] == "binary_frame"
     assert (await ws.request("ping"))["type"] == "pong"

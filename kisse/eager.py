@@ -1,0 +1,52 @@
+"""Start a coroutine now instead of on the next event-loop pass.
+
+`run_eagerly(coro)` runs the coroutine at once, up to its first real
+suspension. Most WebSocket requests never suspend with the in-memory backend,
+so they finish right there without a Task or a loop pass, which the relay
+benchmark measured at a fifth of the server's CPU per message. A coroutine
+that does suspend (MongoDB, a socket write that must wait) carries on in a
+Task, unchanged. Python 3.12's eager tasks do the same; Kisse runs on 3.11.
+"""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine, Generator
+from typing import Any
+
+
+def run_eagerly(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None] | None:
+    """None if `coro` finished without suspending; else the Task running the rest."""
+    try:
+        waiting_on = coro.send(None)
+    except StopIteration:
+        return None
+    return asyncio.ensure_future(_carry_on(coro, waiting_on))
+
+
+async def _carry_on(coro: Coroutine[Any, Any, None], waiting_on: Any) -> None:
+    await _Resumed(coro, waiting_on)
+
+
+class _Resumed:
+    """Awaitable that hands what `coro` is waiting on to the running Task, then
+    keeps driving `coro` exactly as a Task would: resume it with `send(None)`,
+    or `throw()` what the Task throws in (cancellation)."""
+
+    __slots__ = ("_coro", "_waiting_on")
+
+    def __init__(self, coro: Coroutine[Any, Any, None], waiting_on: Any) -> None:
+        self._coro, self._waiting_on = coro, waiting_on
+
+    def __await__(self) -> Generator[Any, None, None]:
+        waiting_on = self._waiting_on
+        while True:
+            try:
+                yield waiting_on  # a future (or None for a bare yield), as the coroutine yielded it
+            except BaseException as error:
+                step = self._coro.throw, error
+            else:
+                step = self._coro.send, None
+            try:
+                waiting_on = step[0](step[1])
+            except StopIteration:
+                return
