@@ -161,9 +161,9 @@ class GatewaySocket(tornado.websocket.WebSocketHandler):
 
     # -- inbound ---------------------------------------------------------------
     def on_message(self, message: str | bytes) -> asyncio.Task[None] | None:
-        """Queue the frame for this connection's worker, which handles frames one at
-        a time, in order. With INBOX_FRAMES waiting, Tornado stops reading until
-        the worker is done: a client cannot queue unbounded work."""
+        """Handle the frame now, or queue it behind the one being handled: frames
+        are handled one at a time, in order. With INBOX_FRAMES waiting, Tornado
+        stops reading until they are done: a client cannot queue unbounded work."""
         self._answered = True
         self._inbox.append(message)
         if self._worker is None:

@@ -19,8 +19,9 @@ from storage import create_storage
 
 log = logging.getLogger("kisse")
 # Young-generation collections every 20k allocations instead of 700: relaying a
-# message allocates many short-lived dicts, and the default threshold ran a
-# collection every few messages (15% of the CPU of relaying, see benchmarks/README.md).
+# message allocates many short-lived objects, and the default threshold ran a
+# collection every few messages (measured: -15 % server CPU per relayed message
+# with 50 pairs, see benchmarks/README.md).
 GC_THRESHOLDS = (20_000, 10, 10)
 
 

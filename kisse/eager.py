@@ -39,14 +39,13 @@ class _Resumed:
 
     def __await__(self) -> Generator[Any, None, None]:
         waiting_on = self._waiting_on
-        while True:
-            try:
-                yield waiting_on  # a future (or None for a bare yield), as the coroutine yielded it
-            except BaseException as error:
-                step = self._coro.throw, error
-            else:
-                step = self._coro.send, None
-            try:
-                waiting_on = step[0](step[1])
-            except StopIteration:
-                return
+        try:
+            while True:
+                try:
+                    yield waiting_on  # a future (or None for a bare yield), as the coroutine yielded it
+                except BaseException as error:  # thrown in by the Task: pass it on
+                    waiting_on = self._coro.throw(error)
+                else:
+                    waiting_on = self._coro.send(None)
+        except StopIteration:  # the coroutine returned
+            return

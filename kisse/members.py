@@ -13,6 +13,8 @@ CACHE_SIZE = 100_000  # conversations; a tuple of ids each
 
 
 class Members:
+    """Participant ids by conversation id, read from storage on a miss."""
+
     def __init__(self, storage: Storage, size: int = CACHE_SIZE) -> None:
         self._storage = storage
         self._size = size
