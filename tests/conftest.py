@@ -2,6 +2,7 @@
 backend, the app built through `make_app`, and small HTTP/WS client helpers."""
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 
 import pytest
@@ -49,6 +50,7 @@ def app(settings, storage, io_loop):
     io_loop.run_sync(lambda: startup(application))
     yield application
     io_loop.run_sync(lambda: shutdown(application, grace=0))
+    io_loop.run_sync(lambda: asyncio.sleep(0.01))  # let cancelled heartbeats finish before the loop closes
 
 
 def with_settings(**changes) -> Settings:
