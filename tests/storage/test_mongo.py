@@ -59,6 +59,14 @@ async def opened(uri: str) -> MongoStorage:
     return store
 
 
+@pytest.fixture
+def store(uri, io_loop):
+    """A started MongoStorage on the fresh database, closed afterwards."""
+    started = io_loop.run_sync(lambda: opened(uri))
+    yield started
+    io_loop.run_sync(started.close)
+
+
 # -- migrations and indexes -------------------------------------------------------
 @pytest.mark.gen_test
 async def test_migrations_bring_an_empty_database_to_the_latest_version_once(uri):
@@ -105,30 +113,26 @@ async def test_an_expired_migration_lock_is_taken_over(uri):
 
 
 @pytest.mark.gen_test
-async def test_indexes_exist(uri):
-    store = await opened(uri)
-    try:
-        db = store.db
+async def test_indexes_exist(store):
+    db = store.db
 
-        async def indexes(name):
-            return {n: (info["key"], bool(info.get("unique")))
-                    for n, info in (await db[name].index_information()).items()}
+    async def indexes(name):
+        return {n: (info["key"], bool(info.get("unique")))
+                for n, info in (await db[name].index_information()).items()}
 
-        users = await indexes("users")
-        assert users["username_lower_unique"] == ([("username_lower", 1)], True)
-        conversations = await indexes("conversations")
-        assert conversations["direct_key_unique"] == ([("direct_key", 1)], True)
-        assert conversations["member_recent"][0] == [("participant_ids", 1), ("last_activity_at", -1),
-                                                      ("_id", -1)]
-        messages = await indexes("messages")
-        assert messages["conversation_seq_unique"] == ([("conversation_id", 1), ("seq", 1)], True)
-        assert messages["sender_client_id_unique"] == ([("sender_id", 1), ("client_message_id", 1)], True)
-        calls = await indexes("calls")
-        assert calls["party_status_recent"][0][0] == ("parties", 1)
-        assert calls["status_ring_deadline"][0] == [("status", 1), ("ring_deadline", 1)]
-        assert (await indexes("encrypted_content.chunks"))["files_id_1_n_1"][1] is True
-    finally:
-        await store.close()
+    users = await indexes("users")
+    assert users["username_lower_unique"] == ([("username_lower", 1)], True)
+    conversations = await indexes("conversations")
+    assert conversations["direct_key_unique"] == ([("direct_key", 1)], True)
+    assert conversations["member_recent"][0] == [("participant_ids", 1), ("last_activity_at", -1),
+                                                  ("_id", -1)]
+    messages = await indexes("messages")
+    assert messages["conversation_seq_unique"] == ([("conversation_id", 1), ("seq", 1)], True)
+    assert messages["sender_client_id_unique"] == ([("sender_id", 1), ("client_message_id", 1)], True)
+    calls = await indexes("calls")
+    assert calls["party_status_recent"][0][0] == ("parties", 1)
+    assert calls["status_ring_deadline"][0] == [("status", 1), ("ring_deadline", 1)]
+    assert (await indexes("encrypted_content.chunks"))["files_id_1_n_1"][1] is True
 
 
 # -- client settings --------------------------------------------------------------
@@ -155,75 +159,59 @@ async def test_write_concern_is_majority_unless_the_url_says_otherwise():
 
 # -- backend-specific concurrency and recovery --------------------------------------
 @pytest.mark.gen_test
-async def test_last_message_is_the_highest_seq_under_concurrent_sends(uri):
-    store = await opened(uri)
-    try:
-        a, b = await make_users(store, "ann", "bea")
-        conv, _ = await store.get_or_create_direct(a["id"], b["id"])
-        await asyncio.gather(*(store.add_message(conv["id"], a["id"], f"k{i}", b"x", None) for i in range(30)))
-        after = await store.get_conversation(conv["id"])
-        assert after["last_seq"] == 30 and after["last_message"]["seq"] == 30
-        last = await store.get_message(after["last_message"]["id"])
-        assert last["seq"] == 30 and after["last_activity_at"] == last["created_at"]
-        assert "ciphertext" not in after["last_message"]
-    finally:
-        await store.close()
+async def test_last_message_is_the_highest_seq_under_concurrent_sends(store):
+    a, b = await make_users(store, "ann", "bea")
+    conv, _ = await store.get_or_create_direct(a["id"], b["id"])
+    await asyncio.gather(*(store.add_message(conv["id"], a["id"], f"k{i}", b"x", None) for i in range(30)))
+    after = await store.get_conversation(conv["id"])
+    assert after["last_seq"] == 30 and after["last_message"]["seq"] == 30
+    last = await store.get_message(after["last_message"]["id"])
+    assert last["seq"] == 30 and after["last_activity_at"] == last["created_at"]
+    assert "ciphertext" not in after["last_message"]
 
 
 @pytest.mark.gen_test
-async def test_a_stale_send_reservation_is_taken_over_without_a_gap(uri):
-    store = await opened(uri)
-    try:
-        a, b = await make_users(store, "cyd", "dee")
-        conv, _ = await store.get_or_create_direct(a["id"], b["id"])
-        # A process died right after reserving this client id.
-        await store._message_ids.insert_one({"_id": f"{a['id']}:lost", "message_id": new_id(),
-                                             "claimed_at": utcnow() - timedelta(minutes=5)})
-        message, created = await store.add_message(conv["id"], a["id"], "lost", None, None)
-        assert created and message["seq"] == 1
-        again, created = await store.add_message(conv["id"], a["id"], "lost", None, None)
-        assert not created and again == message
-    finally:
-        await store.close()
+async def test_a_stale_send_reservation_is_taken_over_without_a_gap(store):
+    a, b = await make_users(store, "cyd", "dee")
+    conv, _ = await store.get_or_create_direct(a["id"], b["id"])
+    # A process died right after reserving this client id.
+    await store._message_ids.insert_one({"_id": f"{a['id']}:lost", "message_id": new_id(),
+                                         "claimed_at": utcnow() - timedelta(minutes=5)})
+    message, created = await store.add_message(conv["id"], a["id"], "lost", None, None)
+    assert created and message["seq"] == 1
+    again, created = await store.add_message(conv["id"], a["id"], "lost", None, None)
+    assert not created and again == message
 
 
 @pytest.mark.gen_test
-async def test_orphaned_call_lines_do_not_keep_a_user_busy(uri):
-    store = await opened(uri)
-    try:
-        a, b, c = await make_users(store, "eli", "fox", "gil")
-        # Crashed between claiming b's line and inserting the call: stale entry.
-        await store._lines.insert_one({"_id": b["id"], "live": [
-            {"call_id": new_id(), "at": utcnow() - timedelta(minutes=5)}]})
-        deadline = utcnow() + timedelta(seconds=30)
-        call = await store.create_call(a["id"], b["id"], "audio", deadline)
-        assert call["status"] == "pending"
-        # Ended, but its process died before freeing the lines.
-        await store._calls.update_one({"_id": call["id"]}, {"$set": {"status": "ended"}})
-        again = await store.create_call(c["id"], b["id"], "audio", deadline)
-        assert again["status"] == "pending"
-        busy = await store.create_call(a["id"], b["id"], "audio", deadline)
-        assert busy["status"] == "busy"
-    finally:
-        await store.close()
+async def test_orphaned_call_lines_do_not_keep_a_user_busy(store):
+    a, b, c = await make_users(store, "eli", "fox", "gil")
+    # Crashed between claiming b's line and inserting the call: stale entry.
+    await store._lines.insert_one({"_id": b["id"], "live": [
+        {"call_id": new_id(), "at": utcnow() - timedelta(minutes=5)}]})
+    deadline = utcnow() + timedelta(seconds=30)
+    call = await store.create_call(a["id"], b["id"], "audio", deadline)
+    assert call["status"] == "pending"
+    # Ended, but its process died before freeing the lines.
+    await store._calls.update_one({"_id": call["id"]}, {"$set": {"status": "ended"}})
+    again = await store.create_call(c["id"], b["id"], "audio", deadline)
+    assert again["status"] == "pending"
+    busy = await store.create_call(a["id"], b["id"], "audio", deadline)
+    assert busy["status"] == "busy"
 
 
 @pytest.mark.gen_test
-async def test_racing_callers_to_one_callee_get_one_pending_call(uri):
-    store = await opened(uri)
-    try:
-        users = [await store.create_user(f"u{i}", "h", "U") for i in range(9)]
-        callee = users[0]
-        deadline = utcnow() + timedelta(seconds=30)
-        calls = await asyncio.gather(*(store.create_call(u["id"], callee["id"], "audio", deadline)
-                                       for u in users[1:]))
-        assert sorted(c["status"] for c in calls) == ["busy"] * 7 + ["pending"]
-        (pending,) = [c for c in calls if c["status"] == "pending"]
-        await store.transition_call(pending["id"], ("pending",), "rejected", {"ended_at": utcnow()})
-        after = await store.create_call(users[1]["id"], callee["id"], "video", deadline)
-        assert after["status"] == "pending"  # the line was freed
-    finally:
-        await store.close()
+async def test_racing_callers_to_one_callee_get_one_pending_call(store):
+    users = [await store.create_user(f"u{i}", "h", "U") for i in range(9)]
+    callee = users[0]
+    deadline = utcnow() + timedelta(seconds=30)
+    calls = await asyncio.gather(*(store.create_call(u["id"], callee["id"], "audio", deadline)
+                                   for u in users[1:]))
+    assert sorted(c["status"] for c in calls) == ["busy"] * 7 + ["pending"]
+    (pending,) = [c for c in calls if c["status"] == "pending"]
+    await store.transition_call(pending["id"], ("pending",), "rejected", {"ended_at": utcnow()})
+    after = await store.create_call(users[1]["id"], callee["id"], "video", deadline)
+    assert after["status"] == "pending"  # the line was freed
 
 
 # -- persistence and availability (own mongoeco server) -------------------------------
