@@ -3,10 +3,13 @@
 - docs/openapi.yaml is a valid OpenAPI 3.1 document (openapi-spec-validator),
   its examples match their schemas, and its paths and methods are exactly the
   routes the app serves (no drift either way).
-- docs/asyncapi.yaml is checked structurally (no maintained AsyncAPI 3
-  validator exists on PyPI, and none ships the official JSON schema): version,
-  every `$ref` resolves, every request type of kisse/protocol.py and every
-  server frame has a message with a payload schema and a valid example, the
+- Both load as strict YAML: every mapping key a string, so an unquoted `, ` or
+  `{` in a description cannot turn it into a mapping a client generator rejects.
+- docs/asyncapi.yaml passes the official parser, @asyncapi/parser from npm
+  (installed on first use by tests/node_tools.py; no AsyncAPI 3 validator
+  exists on PyPI), and is checked structurally: version, every `$ref`
+  resolves, every request type of kisse/protocol.py and every server frame
+  has a message with a payload schema and a valid example, the
   request `data` schemas equal the server's, and the schemas shared with
   openapi.yaml are identical.
 - A live pass drives the real app (memory storage) through every route and
@@ -17,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import subprocess
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -31,10 +35,49 @@ from referencing.jsonschema import DRAFT202012
 
 from handlers import default_handlers
 from kisse import protocol
+from tests import node_tools
+
+
+class StrictLoader(yaml.SafeLoader):
+    """A SafeLoader for the specs that refuses mapping keys other than strings.
+
+    A plain scalar with `, ` inside a flow mapping is split into extra keys:
+    `{description: numbers 1, 2, 3}` has keys 1, 2 and 3, which client
+    generators reject. The same split can yield string keys with no value
+    (`{description: f(a, b)}` gains `b)`), so value-less flow entries are
+    refused too."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        self.flatten_mapping(node)  # resolve `<<` merges first, as SafeLoader does
+        for key_node, value_node in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if not isinstance(key, str):
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"mapping key {key!r} on line {line} is {type(key).__name__}, not str",
+                    key_node.start_mark)
+            if node.flow_style and value_node.tag == "tag:yaml.org,2002:null" and value_node.value == "":
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"flow mapping entry {key!r} on line {line} has no value (unquoted `, `?)",
+                    key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+def load_spec(source: Path | str) -> Any:
+    """A spec (a file, or YAML text) loaded with `StrictLoader`."""
+    if isinstance(source, Path):
+        with source.open(encoding="utf-8") as stream:  # the stream names the file in errors
+            return yaml.load(stream, Loader=StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    return yaml.load(source, Loader=StrictLoader)  # noqa: S506
+
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
-OPENAPI = yaml.safe_load((DOCS / "openapi.yaml").read_text())
-ASYNCAPI = yaml.safe_load((DOCS / "asyncapi.yaml").read_text())
+# Every test below reads the specs through these two, so all of them get the strict loader.
+OPENAPI = load_spec(DOCS / "openapi.yaml")
+ASYNCAPI = load_spec(DOCS / "asyncapi.yaml")
+# The official parser; 3.x parses AsyncAPI 3.0.0, the version asyncapi.yaml declares.
+ASYNCAPI_PARSER = "@asyncapi/parser@3.6.6"
+ASYNCAPI_VALIDATE = Path(__file__).resolve().parent / "asyncapi_validate.mjs"
 HTTP_METHODS = ("get", "post", "put", "patch", "delete", "head", "options")
 # Routes served but documented elsewhere: the WebSocket lives in asyncapi.yaml.
 NOT_IN_OPENAPI = {"/ws"}
@@ -94,6 +137,35 @@ def strip_docs(node: Any) -> Any:
     if isinstance(node, list):
         return [strip_docs(v) for v in node]
     return node
+
+
+def all_keys(node: Any) -> list[Any]:
+    if isinstance(node, dict):
+        return list(node) + [k for v in node.values() for k in all_keys(v)]
+    if isinstance(node, list):
+        return [k for v in node for k in all_keys(v)]
+    return []
+
+
+# -- strict YAML -----------------------------------------------------------------
+@pytest.mark.parametrize("text,problem", [
+    ("seq: {description: numbers 1, 2, 3}\n", "mapping key 2 on line 1 is int"),
+    ("a:\n  b:\n    true: yes\n", "mapping key True on line 3 is bool"),
+    ("a: {? : x}\n", "mapping key None on line 1 is NoneType"),
+    ("a: {[x]: y}\n", "mapping key ['x'] on line 1 is list"),
+    ("p: {description: f(a, b)}\n", "flow mapping entry 'b)' on line 1 has no value"),
+])
+def test_spec_loader_refuses_non_string_keys(text: str, problem: str) -> None:
+    with pytest.raises(yaml.constructor.ConstructorError, match=re.escape(problem)):
+        load_spec(text)
+
+
+def test_specs_are_strict_yaml_with_string_keys() -> None:
+    """Both specs load with StrictLoader (as OPENAPI and ASYNCAPI, which every test uses)."""
+    assert load_spec('a: {description: "numbers 1, 2, 3", b: null, "1": [x]}') == \
+        {"a": {"description": "numbers 1, 2, 3", "b": None, "1": ["x"]}}
+    for spec in (OPENAPI, ASYNCAPI):
+        assert all(isinstance(key, str) for key in all_keys(spec))
 
 
 # -- route drift ---------------------------------------------------------------
@@ -220,6 +292,18 @@ ASYNCAPI_SHAPE = {
                 "type": "object", "required": ["type"]}}}},
     },
 }
+
+
+def test_asyncapi_passes_the_official_parser() -> None:
+    prefix = node_tools.require(ASYNCAPI_PARSER)
+    result = subprocess.run(["node", str(ASYNCAPI_VALIDATE), str(prefix), str(DOCS / "asyncapi.yaml")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, f"{ASYNCAPI_VALIDATE.name} failed:\n{result.stderr}"
+    diagnostics = json.loads(result.stdout)
+    for d in diagnostics:
+        print(f"asyncapi.yaml:{d['line']}: {d['severity']} {d['code']}: {d['message']} ({d['path']})")
+    errors = [d for d in diagnostics if d["severity"] == "error"]
+    assert not errors, f"{ASYNCAPI_PARSER} reports {len(errors)} error(s) in docs/asyncapi.yaml: {errors}"
 
 
 def test_asyncapi_shape() -> None:
