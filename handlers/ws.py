@@ -28,6 +28,9 @@ PUSHED_MEMORY = 5000
 # Frames a connection may have waiting to be handled before Tornado stops reading.
 INBOX_FRAMES = 16
 
+# A heartbeat that wakes this many intervals late means the loop was too busy to
+# read: that interval gives no verdict on the peer.
+LATE_WAKEUP = 1.5
 # Close reasons (our ping timeout and slow-consumer cut) after which
 # the socket is dropped at once.
 DEAD_PEER_REASONS = ("ping timed out", "slow consumer")
@@ -82,19 +85,31 @@ class GatewaySocket(tornado.websocket.WebSocketHandler):
         loop = asyncio.get_running_loop()
         self._expiry = loop.call_later(max(self._expires_at - time.time(), 0), self._token_expired)
         self._answered = True
+        self._paused = self._paused_since_ping = False
         self._heartbeat = loop.create_task(self._beat())
         self.rt.hub.add(self)
 
     async def _beat(self) -> None:
         """Ping every interval; a peer that answered nothing since the last ping
-        (no pong, no frame) is dropped, so a dead one goes within two intervals."""
+        (no pong, no frame) is dropped, so a dead one goes within two intervals.
+
+        Only time the server spent reading counts against the peer: while the
+        inbox is full Tornado reads nothing (its pongs wait in the kernel), and
+        a loop that woke up late was not reading either. Such an interval gives
+        no verdict; the next one judges afresh.
+        """
         interval = self.rt.settings.ws_ping
+        loop = asyncio.get_running_loop()
+        woke = loop.time()
         while True:
             await asyncio.sleep(interval)
-            if not self._answered:
-                self.close(reason="ping timed out")
+            slept, woke = loop.time() - woke, loop.time()
+            fair = not self._paused and not self._paused_since_ping and slept < interval * LATE_WAKEUP
+            if fair and not self._answered:
+                self.close(protocol.CLOSE_PING_TIMEOUT, "ping timed out")
                 return
             self._answered = False
+            self._paused_since_ping = self._paused
             try:
                 self.ping()
             except tornado.websocket.WebSocketClosedError:
@@ -102,6 +117,17 @@ class GatewaySocket(tornado.websocket.WebSocketHandler):
 
     def on_pong(self, data: bytes) -> None:
         self._answered = True
+
+    def _pause_reading(self) -> asyncio.Task[None]:
+        """Backpressure: Tornado stops reading until the worker has drained the inbox."""
+        worker = self._worker
+        assert worker is not None
+        self._paused = self._paused_since_ping = True
+        worker.add_done_callback(self._resume_reading)
+        return worker
+
+    def _resume_reading(self, _: asyncio.Task[None]) -> None:
+        self._paused = False
 
     def on_close(self) -> None:
         self._closing = True
@@ -170,7 +196,7 @@ class GatewaySocket(tornado.websocket.WebSocketHandler):
             # Handled right here unless it has to wait (kisse/eager.py); the Task
             # that then carries on also takes the frames arriving meanwhile.
             self._worker = run_eagerly(self._work())
-        return self._worker if len(self._inbox) >= INBOX_FRAMES else None
+        return self._pause_reading() if len(self._inbox) >= INBOX_FRAMES else None
 
     async def _work(self) -> None:
         try:

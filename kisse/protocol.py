@@ -16,6 +16,7 @@ from kisse.validation import ID, Schema, obj, validate
 CLOSE_GOING_AWAY = 1001          # server shutting down
 CLOSE_TOO_BIG = 1009             # frame over KISSE_MAX_WS_FRAME (Tornado sends it)
 CLOSE_TOKEN_EXPIRED = 4001       # the token used to connect has expired
+CLOSE_PING_TIMEOUT = 4002        # the peer answered no ping for two intervals of reading
 CLOSE_SLOW_CONSUMER = 4008       # the client stopped reading; its queue overflowed
 
 _CALL = obj({"call_id": ID}, ("call_id",))

@@ -368,8 +368,9 @@ def test_shared_schemas_are_identical() -> None:
 
 def test_close_codes_are_documented() -> None:
     codes = ASYNCAPI["channels"]["gateway"]["x-close-codes"]
-    for code in (protocol.CLOSE_GOING_AWAY, protocol.CLOSE_TOO_BIG, protocol.CLOSE_TOKEN_EXPIRED,
-                 protocol.CLOSE_SLOW_CONSUMER):
+    used = [value for name, value in vars(protocol).items() if name.startswith("CLOSE_")]
+    assert len(used) >= 5
+    for code in used:
         assert str(code) in codes
         assert f"| {code} |" in ASYNCAPI["info"]["description"]
 

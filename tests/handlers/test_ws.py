@@ -115,6 +115,9 @@ async def test_a_burst_of_requests_is_answered_in_order_and_nothing_is_lost(api,
     assert [f["data"]["message"]["seq"] for f in acks] == list(range(1, count + 1))
     pushed = [(await wb.event("message.new"))["data"]["seq"] for _ in range(count)]
     assert pushed == list(range(1, count + 1))
+    # Pausing reading is the server's doing: the heartbeat never blames the client for it.
+    assert not wa.closed.done() and not wb.closed.done()
+    assert (await wa.request("ping"))["type"] == "pong"
 
 
 async def test_frames_of_every_length_encoding_arrive_intact(api, ws_url, settings):

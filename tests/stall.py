@@ -1,0 +1,39 @@
+"""A storage that can be made to stall, as MongoDB does during an election or on a slow disk."""
+from __future__ import annotations
+
+import asyncio
+import inspect
+from typing import Any
+
+from storage.base import Storage
+
+
+class StallableStorage:
+    """Wraps a `Storage`: while `stall()` holds, every call waits before it reaches the backend."""
+
+    def __init__(self, inner: Storage) -> None:
+        self.inner = inner
+        self._flowing = asyncio.Event()
+        self._flowing.set()
+        self.waiting = 0  # calls held right now
+
+    def stall(self) -> None:
+        self._flowing.clear()
+
+    def resume(self) -> None:
+        self._flowing.set()
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self.inner, name)
+        if not inspect.iscoroutinefunction(attribute) or name in ("close", "start"):
+            return attribute
+
+        async def held(*args: Any, **kwargs: Any) -> Any:
+            if not self._flowing.is_set():
+                self.waiting += 1
+                try:
+                    await self._flowing.wait()
+                finally:
+                    self.waiting -= 1
+            return await attribute(*args, **kwargs)
+        return held
