@@ -9,6 +9,7 @@ Exits 0 whatever the figures are; 1 only if a scenario crashed.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -42,6 +44,37 @@ PROFILES: dict[str, dict[str, Any]] = {
 class Crash(Exception):
     """The load generator or a server failed: not a figure, a broken run."""
 
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(reason)
+        self.reason, self.detail = reason, detail
+
+    def __str__(self) -> str:
+        return f"{self.reason}\n{self.detail}".strip()
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    """A multi-line message as one line: its first line, and its last if there are more."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return "no reason given"
+    line = lines[0].rstrip(":") + (f": {lines[-1]}" if len(lines) > 1 else "")
+    return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else "no output"
+
+
+def crash_outcome(error: BaseException) -> dict[str, Any]:
+    """A crashed scenario's outcome in the JSON: a one-line reason, and the details behind it."""
+    if isinstance(error, Crash):
+        reason, detail = error.reason, error.detail
+    else:
+        reason = f"{type(error).__name__}: {_one_line(str(error))}"
+        detail = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    return {"crashed": True, "error": _one_line(reason), "detail": detail.strip()[-3000:]}
+
 
 def run_client(scenario: str, params: dict[str, Any], timeout: float) -> dict[str, Any]:
     """Run one scenario's load generator in its own process, bounded by `timeout`."""
@@ -53,9 +86,10 @@ def run_client(scenario: str, params: dict[str, Any], timeout: float) -> dict[st
             proc = subprocess.run([sys.executable, "-m", "benchmarks.load", scenario, params_path, result_path],
                                   cwd=ROOT, timeout=timeout, capture_output=True, text=True)
         except subprocess.TimeoutExpired:
-            raise Crash(f"{scenario}: load generator still running after {timeout:.0f}s (killed)") from None
+            raise Crash(f"load generator still running after {timeout:.0f}s (killed)") from None
         if proc.returncode != 0 or not os.path.exists(result_path):
-            raise Crash(f"{scenario}: load generator exited {proc.returncode}:\n{proc.stderr[-2000:]}")
+            why = _last_line(proc.stderr) if proc.returncode else "no result written"
+            raise Crash(f"load generator exited {proc.returncode}: {why}", proc.stderr[-2000:])
         with open(result_path) as f:
             return json.load(f)
 
@@ -81,7 +115,8 @@ def with_server(start: Callable[[], Server], scenario: str, params: dict[str, An
     try:
         result = run_client(scenario, {**params, "base": server.base, "server_pid": server.pid}, timeout)
     except Crash as crash:
-        crash.args = (f"{crash.args[0]}\n--- {server.name} log tail ---\n{server.log_tail()}",)
+        crash.reason = f"{server.name}: {crash.reason}"
+        crash.detail += f"\n--- {server.name} log tail ---\n{server.log_tail()}"
         raise
     finally:
         if spy is not None:
@@ -151,8 +186,8 @@ def sc_blob(cfg: dict[str, Any], logs: str) -> dict[str, Any]:
     if mongo:
         try:
             out["mongo"] = with_server(lambda: start_kisse(logs, KISSE_STORAGE=mongo, KISSE_MAX_BLOB=str(size)), "blob", params, 300)
-        except (Crash, RuntimeError) as error:
-            out["mongo"] = {"error": str(error)[-1500:]}
+        except Exception as error:  # an optional backend: reported in its row, not a crash of the run
+            out["mongo"] = crash_outcome(error)
     return out
 
 
@@ -177,6 +212,10 @@ SCENARIOS: dict[str, Callable[[dict[str, Any], str], dict[str, Any]]] = {
 
 
 # -- the table ---------------------------------------------------------------------------
+# Every reading goes through _get/_num, so a partial or malformed result gives "-" cells, never an exception.
+Row = dict[str, Any]
+
+
 def _get(d: Any, *path: str) -> Any:
     for key in path:
         if not isinstance(d, dict) or key not in d:
@@ -185,83 +224,142 @@ def _get(d: Any, *path: str) -> Any:
     return d
 
 
+def _num(v: Any) -> int | float | None:
+    """`v` if it is a number (not a bool), else None."""
+    return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
 def _ratio(a: Any, b: Any) -> float | None:
-    return round(a / b, 2) if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b else None
+    a, b = _num(a), _num(b)
+    return round(a / b, 2) if a is not None and b else None
+
+
+def _check(v: Any, ok: Callable[[float], bool]) -> bool | None:
+    """Whether the figure `v` meets `ok`; None when there is no figure."""
+    v = _num(v)
+    return None if v is None else ok(v)
+
+
+def _items(d: Any) -> list[tuple[str, Any]]:
+    return list(d.items()) if isinstance(d, dict) else []
 
 
 def _row(name: str, kisse: Any, base: Any, base_label: str, unit: str, target: str,
-         met: bool | None, ratio: float | None = None) -> dict[str, Any]:
+         met: bool | None, ratio: float | None = None) -> Row:
     return {"metric": name, "kisse": kisse, "baseline": base, "baseline_is": base_label, "unit": unit,
             "ratio": ratio if ratio is not None else _ratio(kisse, base), "target": target, "met": met}
 
 
-def build_table(s: dict[str, Any]) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
-    for key, res in (s.get("relay") or {}).items():
-        k, b = res.get("kisse", {}), res.get("bare", {})
-        kt, bt = k.get("msgs_per_s"), b.get("msgs_per_s")
-        r = _ratio(kt, bt)
+def crash_reason(res: Any) -> str | None:
+    """The one-line reason if `res` is a crashed outcome (or no result at all), else None."""
+    if not isinstance(res, dict):
+        return f"no result ({type(res).__name__})"
+    if res.get("crashed") or "error" in res:  # "error" alone: the shape before "crashed" existed
+        return _one_line(str(res.get("error") or "no reason given"))
+    return None
+
+
+def crashed_row(name: str, reason: str, target: str) -> Row:
+    return _row(f"{name}: crashed: {reason}", None, None, "-", "-", target, False)
+
+
+def _relay_rows(s: Any) -> list[Row]:
+    rows: list[Row] = []
+    for key, res in _items(s):
+        kt, bt = _get(res, "kisse", "msgs_per_s"), _get(res, "bare", "msgs_per_s")
         rows.append(_row(f"relay {key}: delivered msgs/s", kt, bt, "bare relay", "msg/s", ">= 0.5x bare",
-                         None if r is None else r >= 0.5))
+                         _check(_ratio(kt, bt), lambda r: r >= 0.5)))
         for q in ("p50_ms", "p99_ms"):
-            kl, bl = _get(k, "latency", q), _get(b, "latency", q)
-            r = _ratio(kl, bl)
+            kl, bl = _get(res, "kisse", "latency", q), _get(res, "bare", "latency", q)
             rows.append(_row(f"relay {key}: e2e latency {q[:3]}", kl, bl, "bare relay", "ms",
                              "<= 2x bare" if q == "p99_ms" else "-",
-                             (None if r is None else r <= 2.0) if q == "p99_ms" else None))
-    for key, res in (s.get("idle") or {}).items():
-        k, b = res.get("kisse", {}), res.get("bare", {})
-        kb, bb = k.get("bytes_per_conn"), b.get("bytes_per_conn")
-        r = _ratio(kb, bb)
+                             _check(_ratio(kl, bl), lambda r: r <= 2.0) if q == "p99_ms" else None))
+    return rows
+
+
+def _idle_rows(s: Any) -> list[Row]:
+    rows: list[Row] = []
+    for key, res in _items(s):
+        kb, bb = _get(res, "kisse", "bytes_per_conn"), _get(res, "bare", "bytes_per_conn")
         rows.append(_row(f"idle {key}: server RSS per connection", kb, bb, "bare relay", "bytes",
-                         "<= 1.5x bare", None if r is None else r <= 1.5))
-        rows.append(_row(f"idle {key}: connections reached", k.get("connected"), b.get("connected"), "bare relay",
-                         "conns", f"= {k.get('requested')}",
-                         None if k.get("connected") is None else k.get("connected") == k.get("requested")))
-    st = s.get("login_storm")
-    if st:
+                         "<= 1.5x bare", _check(_ratio(kb, bb), lambda r: r <= 1.5)))
+        kc, requested = _get(res, "kisse", "connected"), _get(res, "kisse", "requested")
+        rows.append(_row(f"idle {key}: connections reached", kc, _get(res, "bare", "connected"), "bare relay",
+                         "conns", f"= {requested}" if requested is not None else "-",
+                         _check(kc, lambda c: c == requested)))
+    return rows
+
+
+def _login_storm_rows(st: Any) -> list[Row]:
+    rows: list[Row] = []
+    for q in ("p50_ms", "p99_ms"):
+        ks, ki = _get(st, "storm", q), _get(st, "idle", q)
+        rows.append(_row(f"login storm ({_get(st, 'logins')} logins, bcrypt 12): WS ping {q[:3]}", ks, ki,
+                         "same socket, idle", "ms", "<= 50 ms" if q == "p99_ms" else "-",
+                         _check(ks, lambda v: v <= 50) if q == "p99_ms" else None))
+    return rows
+
+
+def _blob_rows(bl: Any) -> list[Row]:
+    status = _get(bl, "default_config_2mib", "upload_status")
+    rows = [_row("blob: 2 MiB upload with default KISSE_MAX_BODY", status, None, "-", "HTTP status", "201",
+                 _check(status, lambda v: v == 201))]
+    for backend in ("memory", "mongo"):
+        m = _get(bl, backend)
+        if m is None:
+            continue
+        reason = crash_reason(m)
+        if reason:
+            rows.append(crashed_row(f"blob {backend}", reason, "201"))
+            continue
+        name = f"blob {backend}: {(_num(m.get('size')) or 0) / MIB:.0f} MiB"
+        if m.get("failed"):
+            rows.append(_row(f"{name} upload", m.get("upload_status") or "error", None, "-", "HTTP status", "201",
+                             False))
+            continue
+        rows.append(_row(f"{name} upload", m.get("upload_mb_s"), None, "-", "MB/s", "report", None))
+        rows.append(_row(f"{name} download", m.get("download_mb_s"), None, "-", "MB/s", "report", None))
+        g = _num(m.get("peak_growth_beyond_blob"))
+        rows.append(_row(f"blob {backend}: peak RSS growth beyond the blob", None if g is None else round(g / MIB, 1),
+                         None, "-", "MiB", "<= 16 MiB", _check(g, lambda v: v <= 16 * MIB)))
+    return rows
+
+
+def _history_rows(h: Any) -> list[Row]:
+    rows: list[Row] = []
+    for page in ("latest_page", "random_page"):
         for q in ("p50_ms", "p99_ms"):
-            ks, ki = _get(st, "storm", q), _get(st, "idle", q)
-            rows.append(_row(f"login storm ({st.get('logins')} logins, bcrypt 12): WS ping {q[:3]}", ks, ki,
-                             "same socket, idle", "ms", "<= 50 ms" if q == "p99_ms" else "-",
-                             (None if ks is None else ks <= 50) if q == "p99_ms" else None))
-    bl = s.get("blob")
-    if bl:
-        d = bl.get("default_config_2mib", {})
-        rows.append(_row("blob: 2 MiB upload with default KISSE_MAX_BODY", d.get("upload_status"), None, "-",
-                         "HTTP status", "201", d.get("upload_status") == 201))
-        for backend in ("memory", "mongo"):
-            m = bl.get(backend)
-            if not m:
-                continue
-            mib = m.get("size", 0) / MIB
-            if m.get("failed") or m.get("error"):
-                rows.append(_row(f"blob {backend}: {mib:.0f} MiB upload", m.get("upload_status") or "error", None,
-                                 "-", "HTTP status", "201", False))
-                continue
-            rows.append(_row(f"blob {backend}: {mib:.0f} MiB upload", m.get("upload_mb_s"), None, "-", "MB/s",
-                             "report", None))
-            rows.append(_row(f"blob {backend}: {mib:.0f} MiB download", m.get("download_mb_s"), None, "-", "MB/s",
-                             "report", None))
-            g = m.get("peak_growth_beyond_blob")
-            rows.append(_row(f"blob {backend}: peak RSS growth beyond the blob", round(g / MIB, 1) if g is not None
-                             else None, None, "-", "MiB", "<= 16 MiB", None if g is None else g <= 16 * MIB))
-    h = s.get("history")
-    if h:
-        for page in ("latest_page", "random_page"):
-            for q in ("p50_ms", "p99_ms"):
-                v = _get(h, page, "latency", q)
-                rows.append(_row(f"history ({h.get('seeded')} msgs): {page.replace('_', ' ')} of 50 {q[:3]}", v,
-                                 None, "-", "ms", "<= 5 ms" if q == "p99_ms" else "-",
-                                 (None if v is None else v <= 5) if q == "p99_ms" else None))
-    rs = s.get("rest")
-    if rs:
-        kr, br = _get(rs, "kisse", "req_per_s"), _get(rs, "bare", "req_per_s")
-        rows.append(_row("REST GET /api/conversations @50 conns", kr, br, "bare JSON GET", "req/s", "report ratio",
-                         None))
-        for q in ("p50_ms", "p99_ms"):
-            rows.append(_row(f"REST @50 conns latency {q[:3]}", _get(rs, "kisse", "latency", q),
-                             _get(rs, "bare", "latency", q), "bare JSON GET", "ms", "report", None))
+            v = _get(h, page, "latency", q)
+            rows.append(_row(f"history ({_get(h, 'seeded')} msgs): {page.replace('_', ' ')} of 50 {q[:3]}", v,
+                             None, "-", "ms", "<= 5 ms" if q == "p99_ms" else "-",
+                             _check(v, lambda x: x <= 5) if q == "p99_ms" else None))
+    return rows
+
+
+def _rest_rows(rs: Any) -> list[Row]:
+    kr, br = _get(rs, "kisse", "req_per_s"), _get(rs, "bare", "req_per_s")
+    rows = [_row("REST GET /api/conversations @50 conns", kr, br, "bare JSON GET", "req/s", "report ratio", None)]
+    for q in ("p50_ms", "p99_ms"):
+        rows.append(_row(f"REST @50 conns latency {q[:3]}", _get(rs, "kisse", "latency", q),
+                         _get(rs, "bare", "latency", q), "bare JSON GET", "ms", "report", None))
+    return rows
+
+
+# Per scenario, in table order: its rows, and the target a crashed row shows.
+TABLE: dict[str, tuple[Callable[[Any], list[Row]], str]] = {
+    "relay": (_relay_rows, ">= 0.5x bare, p99 <= 2x bare"), "idle": (_idle_rows, "<= 1.5x bare"),
+    "login_storm": (_login_storm_rows, "<= 50 ms"), "blob": (_blob_rows, "<= 16 MiB"),
+    "history": (_history_rows, "<= 5 ms"), "rest": (_rest_rows, "report ratio"),
+}
+
+
+def build_table(s: dict[str, Any]) -> list[Row]:
+    """The table's rows: each scenario's figures, or one "<name>: crashed: <reason>" row (met: no)."""
+    rows: list[Row] = []
+    for name, (rows_of, target) in TABLE.items():
+        if name in s:
+            reason = crash_reason(s[name])
+            rows += [crashed_row(name, reason, target)] if reason else rows_of(s[name])
     return rows
 
 
@@ -288,11 +386,18 @@ def render_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _version(module: str, attr: str = "__version__") -> str | None:
+    """A module's version, or None if it is not installed (a missing one crashes scenarios, not the report)."""
+    try:
+        version = getattr(importlib.import_module(module), attr, None)
+    except ImportError:
+        return None
+    return None if version is None else str(version)
+
+
 def machine() -> dict[str, Any]:
-    import aiohttp
-    import tornado
     return {"nproc": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
-            "kernel": platform.release(), "tornado": tornado.version, "aiohttp": aiohttp.__version__,
+            "kernel": platform.release(), "tornado": _version("tornado", "version"), "aiohttp": _version("aiohttp"),
             "cpu_model": next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
                                if line.startswith("model name")), None)}
 
@@ -314,8 +419,18 @@ def git_commit() -> str | None:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               timeout=5).stdout.strip() or None
-    except OSError:
+    except (OSError, subprocess.TimeoutExpired):
         return None
+
+
+def write_report(report: dict[str, Any], out_dir: Path, stamp: str) -> Path:
+    """Print the report's table, then write it as <stamp>.json and latest.json in `out_dir`."""
+    print(render_table(report["table"]), flush=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{stamp}.json"
+    path.write_text(json.dumps(report, indent=1, default=str) + "\n")
+    shutil.copyfile(path, out_dir / "latest.json")
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -348,22 +463,18 @@ def main(argv: list[str] | None = None) -> int:
         t = time.monotonic()
         try:
             scenarios[name] = SCENARIOS[name](cfg, logs)
-        except (Crash, RuntimeError, OSError) as error:
+        except Exception as error:  # any failure is this scenario's crash; the others still run and print
             crashed.append(name)
-            scenarios[name] = {"error": str(error)[-3000:]}
-            print(f"[bench] {name} CRASHED: {error}", file=sys.stderr, flush=True)
+            scenarios[name] = crash_outcome(error)
+            print(f"[bench] {name} CRASHED: {scenarios[name]['error']}\n{scenarios[name]['detail']}",
+                  file=sys.stderr, flush=True)
         print(f"[bench] {name} done in {time.monotonic() - t:.1f}s", file=sys.stderr, flush=True)
-    table = build_table(scenarios)
     report = {"mode": mode, "started_at": started.isoformat(timespec="seconds"),
               "duration_s": round(time.monotonic() - t0, 1), "machine": machine(), "git_commit": git_commit(),
-              "rlimit_nofile": nofile, "background_cpu_pct_before": background, "profile": cfg, "crashed": crashed, "table": table, "scenarios": scenarios}
-    out_dir = Path(args.results)
-    out_dir.mkdir(parents=True, exist_ok=True)
+              "rlimit_nofile": nofile, "background_cpu_pct_before": background, "profile": cfg, "crashed": crashed,
+              "table": build_table(scenarios), "scenarios": scenarios}
     stamp = started.strftime("%Y%m%dT%H%M%SZ") + ("-quick" if args.quick else "")
-    path = out_dir / f"{stamp}.json"
-    path.write_text(json.dumps(report, indent=1, default=str) + "\n")
-    shutil.copyfile(path, out_dir / "latest.json")
-    print(render_table(table))
+    path = write_report(report, Path(args.results), stamp)
     print(f"\n{mode} run, {report['duration_s']}s; results: {path} (and latest.json)")
     if crashed:
         print(f"crashed scenarios: {', '.join(crashed)}; server logs kept in {logs}", file=sys.stderr)

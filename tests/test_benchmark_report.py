@@ -1,0 +1,168 @@
+"""The benchmark report (`benchmarks/__main__.py`): a crashed scenario gets one "crashed" row,
+the others keep their figures, and the table is printed and the JSON written. No servers start."""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+import benchmarks.__main__ as bench
+from benchmarks.__main__ import Crash, build_table, crash_outcome, render_table, write_report
+
+
+def _latency(p50: float, p99: float) -> dict[str, Any]:
+    return {"count": 3000, "p50_ms": p50, "p90_ms": p50, "p99_ms": p99, "max_ms": p99 * 2}
+
+
+# Shapes from benchmarks/results/latest.json (the full run of 2026-11-27), trimmed.
+SUCCESS: dict[str, Any] = {
+    "relay": {"pairs_1": {
+        "kisse": {"target": "kisse", "pairs": 1, "msgs_per_s": 11073.9, "latency": _latency(0.248, 5.396),
+                  "errors": [], "error_count": 0, "server_exit_code": 0, "runs_msgs_per_s": [11073.9]},
+        "bare": {"target": "bare", "pairs": 1, "msgs_per_s": 17555.9, "latency": _latency(0.096, 6.476),
+                 "errors": [], "error_count": 0, "server_exit_code": 0, "runs_msgs_per_s": [17555.9]}}},
+    "idle": {"conns_1000": {
+        "kisse": {"target": "kisse", "requested": 1000, "connected": 1000, "failures": 0, "bytes_per_conn": 20169},
+        "bare": {"target": "bare", "requested": 1000, "connected": 1000, "failures": 0, "bytes_per_conn": 15835}}},
+    "login_storm": {"logins": 50, "logins_ok": 50, "idle": _latency(0.369, 0.525),
+                    "storm": _latency(0.348, 5.646), "statuses": ["200"], "server_exit_code": 0},
+    "blob": {"default_config_2mib": {"size": 2097152, "upload_status": 201, "upload_mb_s": 293.9},
+             "memory": {"size": 104857600, "upload_status": 201, "upload_mb_s": 512.6, "download_mb_s": 1486.6,
+                        "peak_growth_beyond_blob": 5763072}},
+    "history": {"seeded": 100000, "seed_errors": [],
+                "latest_page": {"requests": 3000, "latency": _latency(0.515, 0.729), "statuses": {"200": 3000}},
+                "random_page": {"requests": 3000, "latency": _latency(0.529, 0.648), "statuses": {"200": 3000}}},
+    "rest": {"kisse": {"target": "kisse", "req_per_s": 3135.6, "latency": _latency(15.784, 18.586)},
+             "bare": {"target": "bare", "req_per_s": 6840.9, "latency": _latency(7.3, 8.26)}},
+}
+
+
+def picows_missing() -> dict[str, Any]:
+    """The outcome the runner records when the relay load generator cannot import picows."""
+    stderr = ("Traceback (most recent call last):\n  File \"benchmarks/fastws.py\", line 1\n"
+              "ModuleNotFoundError: No module named 'picows'\n")
+    crash = Crash(f"load generator exited 1: {stderr.splitlines()[-1]}", stderr)
+    crash.reason = f"kisse: {crash.reason}"  # as with_server adds the server's name
+    return crash_outcome(crash)
+
+
+def rows_named(rows: list[dict[str, Any]], prefix: str) -> list[dict[str, Any]]:
+    return [r for r in rows if r["metric"].startswith(prefix)]
+
+
+def test_a_crashed_scenario_gets_one_row_and_the_others_keep_their_figures() -> None:
+    rows = build_table({**SUCCESS, "relay": picows_missing()})
+    relay = rows_named(rows, "relay")
+    assert len(relay) == 1
+    assert relay[0]["metric"] == "relay: crashed: kisse: load generator exited 1: " \
+                                 "ModuleNotFoundError: No module named 'picows'"
+    assert relay[0]["met"] is False and relay[0]["kisse"] is None
+    assert len(rows) == 1 + len(build_table({k: v for k, v in SUCCESS.items() if k != "relay"}))
+    by_metric = {r["metric"]: r for r in rows}
+    assert by_metric["idle conns_1000: server RSS per connection"]["kisse"] == 20169
+    assert by_metric["idle conns_1000: server RSS per connection"]["ratio"] == 1.27
+    assert by_metric["login storm (50 logins, bcrypt 12): WS ping p99"]["met"] is True
+    assert by_metric["blob memory: 100 MiB upload"]["kisse"] == 512.6
+    assert by_metric["history (100000 msgs): latest page of 50 p99"]["kisse"] == 0.729
+    assert by_metric["REST GET /api/conversations @50 conns"]["ratio"] == 0.46
+    table = render_table(rows)
+    assert "| relay: crashed: kisse: load generator exited 1: ModuleNotFoundError" in table
+    assert "NO" in table.splitlines()[2] and "20,169" in table
+
+
+def test_every_scenario_crashed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    scenarios = {name: crash_outcome(RuntimeError(f"{name} exited with 1:\nTraceback\nImportError: x"))
+                 for name in SUCCESS}
+    rows = build_table(scenarios)
+    assert [r["metric"] for r in rows] == [f"{name}: crashed: RuntimeError: {name} exited with 1: ImportError: x"
+                                           for name in SUCCESS]
+    assert all(r["met"] is False for r in rows)
+    path = write_report({"crashed": list(scenarios), "table": rows, "scenarios": scenarios}, tmp_path, "stamp")
+    out = capsys.readouterr().out
+    assert out.count("crashed: RuntimeError") == len(SUCCESS)
+    assert json.loads(path.read_text())["scenarios"]["rest"]["crashed"] is True
+
+
+def test_the_report_prints_the_table_and_writes_the_crashed_shape(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    scenarios = {**SUCCESS, "history": crash_outcome(Crash("load generator still running after 240s (killed)"))}
+    report = {"crashed": ["history"], "table": build_table(scenarios), "scenarios": scenarios}
+    path = write_report(report, tmp_path / "results", "20261127T000000Z-quick")
+    out = capsys.readouterr().out
+    assert "history: crashed: load generator still running after 240s (killed)" in out
+    assert "relay pairs_1: delivered msgs/s" in out and "11,074" in out
+    written = json.loads(path.read_text())
+    assert written["scenarios"]["history"] == {"crashed": True, "error": "load generator still running after 240s "
+                                                                         "(killed)", "detail": ""}
+    assert written["scenarios"]["relay"] == SUCCESS["relay"]  # successful scenarios keep their layout
+    assert (tmp_path / "results" / "latest.json").read_text() == path.read_text()
+
+
+def test_crash_outcome_is_one_line_with_the_details_apart() -> None:
+    outcome = crash_outcome(KeyError("msgs_per_s"))
+    assert outcome["crashed"] is True and outcome["error"] == "KeyError: 'msgs_per_s'"
+    assert "Traceback" in outcome["detail"] or "KeyError" in outcome["detail"]
+    outcome = crash_outcome(RuntimeError("kisse exited with 1:\nTraceback (most recent call last):\n"
+                                         "ModuleNotFoundError: No module named 'orjson'\n"))
+    assert outcome["error"] == "RuntimeError: kisse exited with 1: ModuleNotFoundError: No module named 'orjson'"
+    assert "\n" not in crash_outcome(Crash("x" * 1000))["error"]
+    assert len(crash_outcome(Crash("x" * 1000))["error"]) <= 300
+
+
+def test_a_crashed_optional_blob_backend_is_its_own_row() -> None:
+    blob = {**SUCCESS["blob"], "mongo": crash_outcome(RuntimeError("kisse not ready after 15.0s:\n"))}
+    rows = build_table({"blob": blob})
+    assert rows_named(rows, "blob mongo") == [
+        bench.crashed_row("blob mongo", "RuntimeError: kisse not ready after 15.0s", "201")]
+    assert rows_named(rows, "blob memory: 100 MiB upload")[0]["kisse"] == 512.6
+
+
+def test_the_old_error_shape_and_non_dicts_count_as_crashed() -> None:
+    rows = build_table({"relay": {"error": "relay: load generator exited 1:\nTraceback\nOSError: boom"},
+                        "idle": None, "rest": "oops"})
+    assert [r["metric"] for r in rows] == ["relay: crashed: relay: load generator exited 1: OSError: boom",
+                                           "idle: crashed: no result (NoneType)", "rest: crashed: no result (str)"]
+
+
+def _paths(d: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
+    if isinstance(d, dict):
+        for key, value in d.items():
+            yield path + (key,)
+            yield from _paths(value, path + (key,))
+
+
+@pytest.mark.parametrize("junk", [None, "n/a", [], {}, True, -1])
+def test_partial_results_never_break_the_table(junk: Any) -> None:
+    """Any value anywhere replaced by junk: the table still builds and renders."""
+    for path in _paths(SUCCESS):
+        scenarios = copy.deepcopy(SUCCESS)
+        parent = scenarios
+        for key in path[:-1]:
+            parent = parent[key]
+        parent[path[-1]] = junk
+        rows = build_table(scenarios)
+        assert render_table(rows)
+        assert rows_named(rows, "REST") or path[0] == "rest"  # other scenarios keep their rows
+
+
+def test_main_reports_a_raising_scenario_and_still_prints_the_others(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    def missing_dependency(cfg: dict[str, Any], logs: str) -> dict[str, Any]:
+        raise ModuleNotFoundError("No module named 'picows'")
+
+    monkeypatch.setitem(bench.SCENARIOS, "relay", missing_dependency)
+    monkeypatch.setitem(bench.SCENARIOS, "history", lambda cfg, logs: SUCCESS["history"])
+    monkeypatch.setattr(bench, "background_cpu", lambda: 0.0)
+    monkeypatch.setattr(bench.procs, "new_log_dir", lambda: str(tmp_path / "logs"))
+    code = bench.main(["--quick", "--only", "relay", "history", "--results", str(tmp_path / "results")])
+    assert code == 1
+    out = capsys.readouterr().out
+    assert "relay: crashed: ModuleNotFoundError: No module named 'picows'" in out
+    assert "history (100000 msgs): latest page of 50 p99" in out
+    report = json.loads((tmp_path / "results" / "latest.json").read_text())
+    assert report["crashed"] == ["relay"]
+    assert report["scenarios"]["relay"]["error"] == "ModuleNotFoundError: No module named 'picows'"
+    assert report["scenarios"]["history"] == SUCCESS["history"]
