@@ -1,8 +1,9 @@
 """Environment variables → one typed, validated, immutable `Settings`.
 
-Every option is declared once in `OPTIONS` (name, type, default, help); the
-CLI's --help, `config/example.env` and the README table all describe the same
-list. Invalid values raise `SettingsError` naming the variable.
+Each default is written once, in `Settings`; `OPTIONS` maps every field to its
+variable, parser and help. The CLI's --help, `config/example.env` and the
+README table all describe that one list (a test keeps them in step). Invalid
+values raise `SettingsError` naming the variable.
 """
 from __future__ import annotations
 
@@ -17,18 +18,12 @@ KNOWN_STORAGE_SCHEMES = ("memory", "mongodb", "mongodb+srv")
 MIN_PRODUCTION_SECRET_BYTES = 32
 
 
+KIB = 1024
+MIB = 1024 * KIB
+
+
 class SettingsError(ValueError):
     """A setting has an invalid value; the message names the variable."""
-
-
-@dataclass(frozen=True)
-class Option:
-    env: str
-    field: str
-    kind: Callable[[str], Any]
-    default: Any
-    help: str
-    minimum: float | None = None
 
 
 def _int(raw: str) -> int:
@@ -45,51 +40,6 @@ def _str(raw: str) -> str:
 
 def _csv(raw: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in raw.split(",") if part.strip())
-
-
-KIB = 1024
-MIB = 1024 * KIB
-
-OPTIONS: tuple[Option, ...] = (
-    Option("KISSE_HOST", "host", _str, "0.0.0.0", "Interface to listen on."),
-    Option("KISSE_PORT", "port", _int, 8080, "TCP port to listen on (0 picks a free port).", 0),
-    Option("KISSE_STORAGE", "storage", _str, "memory://",
-           "Storage URL: memory:// (default) or mongodb://host:port/dbname?replicaSet=..."),
-    Option("KISSE_JWT_SECRET", "jwt_secret", _str, "",
-           "HS256 signing secret (>= 32 bytes, required in production)."),
-    Option("KISSE_JWT_TTL", "jwt_ttl", _int, 86400, "Access token lifetime in seconds.", 1),
-    Option("KISSE_BCRYPT_ROUNDS", "bcrypt_rounds", _int, 12, "bcrypt cost factor (4-31).", 4),
-    Option("KISSE_ENV", "env", _str, "development", "development or production."),
-    Option("KISSE_MAX_BODY", "max_body", _int, 1 * MIB, "Largest JSON request body in bytes.", 1),
-    Option("KISSE_MAX_INLINE_CIPHERTEXT", "max_inline_ciphertext", _int, 64 * KIB,
-           "Largest decoded inline `ciphertext` of a message, in bytes.", 0),
-    Option("KISSE_MAX_BLOB", "max_blob", _int, 100 * MIB,
-           "Largest uploaded message content (attachment) in bytes.", 1),
-    Option("KISSE_MAX_GROUP_MEMBERS", "max_group_members", _int, 256,
-           "Most members a conversation may have.", 2),
-    Option("KISSE_MAX_WS_FRAME", "max_ws_frame", _int, 256 * KIB,
-           "Largest incoming WebSocket frame in bytes (bigger closes with 1009).", 1),
-    Option("KISSE_WS_PING", "ws_ping", _float, 25.0,
-           "Seconds between server pings; a connection silent for two intervals is closed.", 0.01),
-    Option("KISSE_WS_QUEUE_BYTES", "ws_queue_bytes", _int, 4 * MIB,
-           "Unsent bytes a slow WebSocket client may hold before it is disconnected.", 1),
-    Option("KISSE_PRESENCE_GRACE", "presence_grace", _float, 10.0,
-           "Seconds after a user's last connection closes before they show offline.", 0),
-    Option("KISSE_TYPING_TIMEOUT", "typing_timeout", _float, 6.0,
-           "Seconds a typing.start lasts unless refreshed.", 0.01),
-    Option("KISSE_CALL_RING_TIMEOUT", "call_ring_timeout", _float, 45.0,
-           "Seconds a call rings before it becomes missed.", 0.01),
-    Option("KISSE_CALL_SWEEP_INTERVAL", "call_sweep_interval", _float, 30.0,
-           "Seconds between sweeps that mark overdue ringing calls missed.", 0.01),
-    Option("KISSE_MAX_SIGNAL", "max_signal", _int, 64 * KIB,
-           "Largest call signalling payload (SDP/ICE) in bytes.", 1),
-    Option("KISSE_TURN_SECRET", "turn_secret", _str, "",
-           "coturn static-auth-secret for TURN REST credentials (empty: TURN off)."),
-    Option("KISSE_TURN_URIS", "turn_uris", _csv, (),
-           "Comma-separated TURN/STUN URIs handed to clients."),
-    Option("KISSE_TURN_TTL", "turn_ttl", _int, 86400, "TURN credential lifetime in seconds.", 60),
-    Option("KISSE_LOG_LEVEL", "log_level", _str, "INFO", "DEBUG, INFO, WARNING or ERROR."),
-)
 
 
 @dataclass(frozen=True)
@@ -118,6 +68,7 @@ class Settings:
     turn_secret: str = ""
     turn_uris: tuple[str, ...] = ()
     turn_ttl: int = 86400
+    gc_interval: float = 30.0
     log_level: str = "INFO"
     # True when the JWT secret was generated at start-up (development only).
     jwt_secret_generated: bool = False
@@ -164,6 +115,58 @@ class Settings:
         if not self.jwt_secret:
             return dataclasses.replace(self, jwt_secret=secrets.token_urlsafe(48), jwt_secret_generated=True)
         return self
+
+
+
+@dataclass(frozen=True)
+class Option:
+    env: str
+    field: str
+    kind: Callable[[str], Any]
+    help: str
+    minimum: float | None = None
+
+    @property
+    def default(self) -> Any:
+        return getattr(Settings, self.field)
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("KISSE_HOST", "host", _str, "Interface to listen on."),
+    Option("KISSE_PORT", "port", _int, "TCP port to listen on (0 picks a free port).", 0),
+    Option("KISSE_STORAGE", "storage", _str,
+           "Storage URL: memory:// (default) or mongodb://host:port/dbname?replicaSet=..."),
+    Option("KISSE_JWT_SECRET", "jwt_secret", _str, "HS256 signing secret (>= 32 bytes, required in production)."),
+    Option("KISSE_JWT_TTL", "jwt_ttl", _int, "Access token lifetime in seconds.", 1),
+    Option("KISSE_BCRYPT_ROUNDS", "bcrypt_rounds", _int, "bcrypt cost factor (4-31).", 4),
+    Option("KISSE_ENV", "env", _str, "development or production."),
+    Option("KISSE_MAX_BODY", "max_body", _int, "Largest JSON request body in bytes.", 1),
+    Option("KISSE_MAX_INLINE_CIPHERTEXT", "max_inline_ciphertext", _int,
+           "Largest decoded inline `ciphertext` of a message, in bytes.", 0),
+    Option("KISSE_MAX_BLOB", "max_blob", _int, "Largest uploaded message content (attachment) in bytes.", 1),
+    Option("KISSE_MAX_GROUP_MEMBERS", "max_group_members", _int, "Most members a conversation may have.", 2),
+    Option("KISSE_MAX_WS_FRAME", "max_ws_frame", _int,
+           "Largest incoming WebSocket frame in bytes (bigger closes with 1009).", 1),
+    Option("KISSE_WS_PING", "ws_ping", _float,
+           "Seconds between server pings; a connection silent for two intervals is closed.", 0.01),
+    Option("KISSE_WS_QUEUE_BYTES", "ws_queue_bytes", _int,
+           "Unsent bytes a slow WebSocket client may hold before it is disconnected.", 1),
+    Option("KISSE_PRESENCE_GRACE", "presence_grace", _float,
+           "Seconds after a user's last connection closes before they show offline.", 0),
+    Option("KISSE_TYPING_TIMEOUT", "typing_timeout", _float, "Seconds a typing.start lasts unless refreshed.", 0.01),
+    Option("KISSE_CALL_RING_TIMEOUT", "call_ring_timeout", _float, "Seconds a call rings before it becomes missed.",
+           0.01),
+    Option("KISSE_CALL_SWEEP_INTERVAL", "call_sweep_interval", _float,
+           "Seconds between sweeps that mark overdue ringing calls missed.", 0.01),
+    Option("KISSE_MAX_SIGNAL", "max_signal", _int, "Largest call signalling payload (SDP/ICE) in bytes.", 1),
+    Option("KISSE_TURN_SECRET", "turn_secret", _str,
+           "coturn static-auth-secret for TURN REST credentials (empty: TURN off)."),
+    Option("KISSE_TURN_URIS", "turn_uris", _csv, "Comma-separated TURN/STUN URIs handed to clients."),
+    Option("KISSE_TURN_TTL", "turn_ttl", _int, "TURN credential lifetime in seconds.", 60),
+    Option("KISSE_GC_INTERVAL", "gc_interval", _float,
+           "Seconds between full garbage collections of the server process (0: never).", 0),
+    Option("KISSE_LOG_LEVEL", "log_level", _str, "DEBUG, INFO, WARNING or ERROR."),
+)
 
 
 def _kind_name(option: Option) -> str:

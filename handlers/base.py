@@ -8,6 +8,7 @@ import orjson
 import tornado.httputil
 import tornado.web
 from tornado.httputil import HTTPServerRequest
+from tornado.iostream import StreamClosedError
 
 from config.settings import Settings
 from kisse import auth
@@ -32,6 +33,7 @@ class APIHandler(tornado.web.RequestHandler):
 
     auth_required = True
     current_user: Record | None
+    client_gone = False  # the client closed the connection before the answer
 
     def initialize(self) -> None:
         self._chunks: list[bytes] = []
@@ -117,12 +119,23 @@ class APIHandler(tornado.web.RequestHandler):
         return value
 
     def on_finish(self) -> None:
-        self._uncount()
+        self._done()
 
     def on_connection_close(self) -> None:
-        self._uncount()
+        self.client_gone = True
+        cut_mid_body = not self.request._body_future.done()
+        # Tornado's own fails the pending body read, so a handler whose client
+        # left mid-body ends now instead of waiting (with its partial body) forever.
+        super().on_connection_close()
+        if cut_mid_body:
+            # Tornado then drops the handler without finish(), which is what breaks
+            # its reference cycle (handler <-> self.ui): do both here, and let go of
+            # the partial body now rather than at the next full collection.
+            self._chunks.clear()
+            self._break_cycles()
+            self._done()
 
-    def _uncount(self) -> None:
+    def _done(self) -> None:
         if getattr(self, "_counted", False):
             self._counted = False
             self.rt.inflight -= 1
@@ -137,8 +150,8 @@ class APIHandler(tornado.web.RequestHandler):
         render_error(self, status_code, kwargs.get("exc_info"), self.storage)
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
-        # Client errors are expected; only real faults get a traceback.
-        if isinstance(value, (KisseError, tornado.web.HTTPError)) or \
+        # Client errors and clients that left are expected; only real faults get a traceback.
+        if isinstance(value, (KisseError, tornado.web.HTTPError, StreamClosedError)) or \
                 isinstance(value, self.storage.unavailable_errors):
             return
         super().log_exception(typ, value, tb)

@@ -1,7 +1,6 @@
 """Encrypted message content: streamed upload and ranged, streamed download."""
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from handlers.base import APIHandler
@@ -59,9 +58,7 @@ class ContentHandler(APIHandler):
     def _abandon(self) -> None:
         if self._writer is not None:
             writer, self._writer = self._writer, None
-            task = asyncio.get_running_loop().create_task(writer.abort())
-            _cleanups.add(task)
-            task.add_done_callback(_cleanups.discard)
+            self.rt.tasks.spawn(writer.abort(), "abandoned upload cleanup")
 
     async def get(self, message_id: str) -> None:
         record, byte_range, chunks = await content.open_download(
@@ -89,6 +86,4 @@ class ContentHandler(APIHandler):
         super().write_error(status_code, **kwargs)
 
 
-# Abort tasks still running, kept so they are not garbage-collected mid-way.
-_cleanups: set[asyncio.Task[None]] = set()
 routes = [(r"/api/messages/([^/]+)/content", ContentHandler)]

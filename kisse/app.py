@@ -22,13 +22,15 @@ from storage.base import Storage
 access_log = logging.getLogger("kisse.access")
 # Metrics label requests by route pattern (bounded), never by raw path.
 ROUTE_OF = {handler: pattern for pattern, handler in default_handlers}
+CLIENT_CLOSED = 499
 
 
 def log_request(handler: tornado.web.RequestHandler) -> None:
     """Access log without the query string: `/ws?token=…` must never reach a log."""
     request = handler.request
-    status = handler.get_status()
-    level = logging.INFO if status < 500 else logging.ERROR
+    # 499 (as nginx says it): the client left before the answer; not a server fault.
+    status = CLIENT_CLOSED if getattr(handler, "client_gone", False) else handler.get_status()
+    level = logging.INFO if status < 500 or status == CLIENT_CLOSED else logging.ERROR
     seconds = request.request_time()
     access_log.log(level, "%s %s %d %.1fms", request.method, request.path, status, 1000.0 * seconds,
                    extra={"method": request.method, "path": request.path, "status": status})
@@ -42,7 +44,7 @@ def make_app(settings: Settings, storage: Storage) -> tornado.web.Application:
     rt.presence = PresenceTracker(rt)
     rt.typing = TypingTracker(rt)
     rt.calls = CallTimers(rt)
-    rt.metrics = Metrics(rt.hub.count)
+    rt.metrics = Metrics(rt.hub.count, lambda: rt.inflight)
     rt.members = Members(storage)
     return tornado.web.Application(
         default_handlers,
@@ -76,4 +78,5 @@ async def shutdown(app: tornado.web.Application, grace: float = 10.0) -> None:
     rt.calls.stop()
     rt.presence.close()
     rt.typing.close()
+    await rt.tasks.close()  # background work ends before the storage it uses
     await rt.storage.close()

@@ -40,25 +40,21 @@ class CallTimers:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
         self._timers: dict[str, asyncio.TimerHandle] = {}
-        self._sweeper: asyncio.Task[None] | None = None
         # Which connection of the callee accepted: signalling goes to that device only.
         self.answered_on: dict[str, str] = {}
 
     def start(self) -> None:
-        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
+        self.rt.tasks.every(self.rt.settings.call_sweep_interval, self.sweep, "call sweep")
 
     def stop(self) -> None:
-        if self._sweeper:
-            self._sweeper.cancel()
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
 
     def schedule(self, call: Record) -> None:
         delay = max((call["ring_deadline"] - utcnow()).total_seconds(), 0)
-        loop = asyncio.get_running_loop()
-        self._timers[call["id"]] = loop.call_later(
-            delay, lambda: loop.create_task(self._ring_timeout(call["id"])))
+        self._timers[call["id"]] = asyncio.get_running_loop().call_later(
+            delay, lambda: self.rt.tasks.spawn(self._ring_timeout(call["id"]), "ring timeout"))
 
     def forget(self, call_id: str) -> None:
         timer = self._timers.pop(call_id, None)
@@ -75,14 +71,6 @@ class CallTimers:
         for call in await self.rt.storage.due_pending_calls(utcnow()):
             won += await miss(self.rt, call["id"]) is not None
         return won
-
-    async def _sweep_forever(self) -> None:
-        while True:
-            try:
-                await self.sweep()
-            except Exception:  # storage down: try again next round
-                log.warning("call sweep failed", exc_info=True)
-            await asyncio.sleep(self.rt.settings.call_sweep_interval)
 
 
 def _announce(rt: Runtime, call: Record) -> dict[str, Any]:

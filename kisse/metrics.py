@@ -10,11 +10,14 @@ from prometheus_client.registry import Collector
 
 
 class Metrics:
-    def __init__(self, open_connections: Callable[[], float]) -> None:
+    def __init__(self, open_connections: Callable[[], float], requests_in_progress: Callable[[], float]) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         connections = Gauge("kisse_ws_connections", "Open WebSocket connections", registry=r)
         connections.set_function(open_connections)
+        in_progress = Gauge("kisse_http_requests_in_progress", "REST requests Tornado is not done with yet",
+                            registry=r)
+        in_progress.set_function(requests_in_progress)
         self.http_latency = Histogram("kisse_http_request_duration_seconds", "HTTP request latency",
                                       ["route", "method", "status"], registry=r)
         self.messages = Counter("kisse_messages_total", "Messages stored and relayed", registry=r)

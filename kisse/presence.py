@@ -30,24 +30,18 @@ class PresenceTracker:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
         self._lingering: dict[str, asyncio.TimerHandle] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
         rt.hub.on_first_connection.append(self._connected)
         rt.hub.on_last_disconnection.append(self._disconnected)
 
     def is_present(self, user_id: str) -> bool:
         return self.rt.hub.is_connected(user_id) or user_id in self._lingering
 
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
     def _connected(self, user_id: str) -> None:
         timer = self._lingering.pop(user_id, None)
         if timer is not None:
             timer.cancel()  # back within the grace period: nobody saw them leave
             return
-        self._spawn(self._announce(user_id))
+        self.rt.tasks.spawn(self._announce(user_id), "presence announce")
 
     def _disconnected(self, user_id: str) -> None:
         loop = asyncio.get_running_loop()
@@ -56,7 +50,7 @@ class PresenceTracker:
 
     def _grace_over(self, user_id: str) -> None:
         if self._lingering.pop(user_id, None) is not None and not self.rt.hub.is_connected(user_id):
-            self._spawn(self._announce(user_id))
+            self.rt.tasks.spawn(self._announce(user_id), "presence announce")
 
     async def _announce(self, user_id: str) -> None:
         """Stamp last_seen and tell contacts the user's presence as it now shows."""

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from config.settings import Settings
 from kisse.hub import Hub
+from kisse.tasks import Background
 from storage.base import Storage
 
 if TYPE_CHECKING:
@@ -28,6 +29,7 @@ class Runtime:
     settings: Settings
     storage: Storage
     hub: Hub = field(default_factory=Hub)
+    tasks: Background = field(default_factory=Background)
     presence: "PresenceTracker" = field(init=False)
     calls: "CallTimers" = field(init=False)
     metrics: "Metrics" = field(init=False)

@@ -1,6 +1,7 @@
 """Configuration: env vars → settings, and how `python -m kisse` reacts to bad ones."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import socket
@@ -68,6 +69,18 @@ def test_cli_refuses_bad_settings_in_one_line(env, variable):
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and variable in lines[0] and "Traceback" not in result.stderr
+
+
+def test_every_setting_is_an_option_documented_with_its_default():
+    from config.settings import OPTIONS
+    fields = {f.name for f in dataclasses.fields(Settings)} - {"jwt_secret_generated"}
+    assert {o.field for o in OPTIONS} == fields
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    example = open(os.path.join(ROOT, "config", "example.env")).read()
+    for option in OPTIONS:
+        default = ",".join(option.default) if isinstance(option.default, tuple) else str(option.default)
+        assert f"| `{option.env}` | `{default}` |" in readme, f"{option.env} is not in the README table"
+        assert f"{option.env}={default}\n" in example, f"{option.env} is not in config/example.env"
 
 
 def test_cli_help_lists_every_option():

@@ -1,0 +1,59 @@
+"""Background work owned by one app: every task is referenced until it ends, and
+shutdown cancels and awaits what is still running before storage closes."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+log = logging.getLogger("kisse.tasks")
+
+
+class Background:
+    """The app's background tasks: one-off (`spawn`) and periodic (`every`)."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closed = False
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any] | None:
+        """Run `coro` in the background; a failure is logged, never lost. None once closed."""
+        if self._closed:
+            coro.close()
+            return None
+        task = asyncio.get_running_loop().create_task(self._logged(coro, name), name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def every(self, interval: float, step: Callable[[], Awaitable[Any]], name: str,
+              first_after: float = 0.0) -> asyncio.Task[Any] | None:
+        """Run `step` now (or after `first_after` s), then every `interval` s until shutdown."""
+        async def repeat() -> None:
+            await asyncio.sleep(first_after)
+            while True:
+                try:
+                    await step()
+                except Exception:  # e.g. storage down: try again next round
+                    log.warning("%s failed", name, exc_info=True)
+                await asyncio.sleep(interval)
+        return self.spawn(repeat(), name)
+
+    async def close(self) -> None:
+        """Cancel what is still running and wait for it to finish."""
+        self._closed = True
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    @staticmethod
+    async def _logged(coro: Coroutine[Any, Any, Any], name: str) -> Any:
+        try:
+            return await coro
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("%s failed", name)
+            return None
