@@ -16,6 +16,8 @@ from urllib.parse import urlsplit
 
 KNOWN_STORAGE_SCHEMES = ("memory", "mongodb", "mongodb+srv")
 MIN_PRODUCTION_SECRET_BYTES = 32
+# Below this a stolen hash database is cheap to crack; tests use 4 for speed.
+MIN_PRODUCTION_BCRYPT_ROUNDS = 10
 
 
 KIB = 1024
@@ -60,6 +62,7 @@ class Settings:
     max_ws_frame: int = 256 * KIB
     ws_ping: float = 25.0
     ws_queue_bytes: int = 4 * MIB
+    ws_sync_grace: float = 5.0
     presence_grace: float = 10.0
     typing_timeout: float = 6.0
     call_ring_timeout: float = 45.0
@@ -107,6 +110,9 @@ class Settings:
             raise SettingsError(f"KISSE_LOG_LEVEL: unknown level {self.log_level!r}")
         if self.turn_secret and not self.turn_uris:
             raise SettingsError("KISSE_TURN_URIS: required when KISSE_TURN_SECRET is set")
+        if self.env == "production" and self.bcrypt_rounds < MIN_PRODUCTION_BCRYPT_ROUNDS:
+            raise SettingsError(f"KISSE_BCRYPT_ROUNDS: production needs a cost of at least "
+                                f"{MIN_PRODUCTION_BCRYPT_ROUNDS} (got {self.bcrypt_rounds})")
         secret_bytes = len(self.jwt_secret.encode())
         if self.env == "production" and secret_bytes < MIN_PRODUCTION_SECRET_BYTES:
             raise SettingsError(
@@ -151,6 +157,8 @@ OPTIONS: tuple[Option, ...] = (
            "Seconds between server pings; a connection silent for two intervals is closed.", 0.01),
     Option("KISSE_WS_QUEUE_BYTES", "ws_queue_bytes", _int,
            "Unsent bytes a slow WebSocket client may hold before it is disconnected.", 1),
+    Option("KISSE_WS_SYNC_GRACE", "ws_sync_grace", _float,
+           "Seconds a new WebSocket's live messages wait for its first sync (catch-up first).", 0),
     Option("KISSE_PRESENCE_GRACE", "presence_grace", _float,
            "Seconds after a user's last connection closes before they show offline.", 0),
     Option("KISSE_TYPING_TIMEOUT", "typing_timeout", _float, "Seconds a typing.start lasts unless refreshed.", 0.01),

@@ -2,31 +2,26 @@
 from __future__ import annotations
 
 from handlers.base import APIHandler
-from kisse import auth
-from kisse.validation import obj
+from kisse import auth, schemas
 from kisse.views import user_view
-
-CREDENTIALS = obj({"username": {"type": "string"}, "password": {"type": "string"}},
-                  ("username", "password"))
-REGISTER = obj({**CREDENTIALS["properties"],
-                "display_name": {"type": ["string", "null"], "maxLength": 64}},
-               ("username", "password"))
 
 
 class RegisterHandler(APIHandler):
+    BODIES = {"POST": schemas.REGISTER}
     auth_required = False
 
     async def post(self) -> None:
-        body = self.json_body(REGISTER)
+        body = self.json_body()
         self.send_json(await auth.register(self.rt, body["username"], body["password"],
                                            body.get("display_name")), status=201)
 
 
 class LoginHandler(APIHandler):
+    BODIES = {"POST": schemas.LOGIN}
     auth_required = False
 
     async def post(self) -> None:
-        body = self.json_body(CREDENTIALS)
+        body = self.json_body()
         self.send_json(await auth.login(self.rt, body["username"], body["password"]))
 
 

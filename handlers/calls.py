@@ -2,25 +2,25 @@
 from __future__ import annotations
 
 from handlers.base import APIHandler
-from kisse import calls
-from kisse.validation import EMPTY, ID, obj
+from kisse import calls, schemas
 from kisse.views import call_view, parse_page_cursor
 
-START = obj({"callee_id": ID, "media": {"enum": ["audio", "video"]}}, ("callee_id", "media"))
 ACTIONS = {"accept": calls.accept, "reject": calls.reject, "cancel": calls.cancel, "end": calls.end}
 HISTORY_MAX = 100
 
 
 class CallsHandler(APIHandler):
+    BODIES = {"POST": schemas.START_CALL}
     async def post(self) -> None:
-        body = self.json_body(START)
+        body = self.json_body()
         view = await calls.start_call(self.rt, self.user_id, body["callee_id"], body["media"])
         self.send_json({"call": view}, status=201)
 
 
 class CallActionHandler(APIHandler):
+    BODIES = {"POST": schemas.EMPTY}
     async def post(self, call_id: str, action: str) -> None:
-        self.json_body(EMPTY)
+        self.json_body()
         self.send_json({"call": await ACTIONS[action](self.rt, self.user_id, call_id)})
 
 
@@ -44,7 +44,7 @@ class CallHistoryHandler(APIHandler):
 
 class TurnHandler(APIHandler):
     async def get(self) -> None:
-        self.send_json(calls.turn_credentials(self.rt, self.user_id))
+        self.send_json(await calls.turn_credentials(self.rt, self.user_id))
 
 
 routes = [

@@ -10,7 +10,7 @@ from storage.base import BlobWriter, Record
 
 
 class ContentHandler(APIHandler):
-    """`POST` streams the body into a blob chunk by chunk; `GET` streams it back."""
+    """`POST` streams the body into a blob chunk by chunk; `GET` streams it back; `HEAD` describes it."""
 
     _message: Record | None = None
     _writer: BlobWriter | None = None
@@ -22,10 +22,8 @@ class ContentHandler(APIHandler):
     async def prepare(self) -> None:
         await super().prepare()
         if self.request.method == "POST":
-            declared = self.request.headers.get("Content-Length")
-            size = int(declared) if declared and declared.isdigit() else None
             self._message, self._writer = await content.begin_upload(
-                self.rt, self.user_id, self.path_args[0], size)
+                self.rt, self.user_id, self.path_args[0], self.declared_length())
 
     async def data_received(self, chunk: bytes) -> None:
         if self._writer is None or self._upload_error is not None:
@@ -43,8 +41,10 @@ class ContentHandler(APIHandler):
         assert self._writer is not None and self._message is not None
         if self._upload_error is not None:
             raise self._upload_error
-        result, created = await content.finish_upload(self.rt, self._message, self._writer)
-        self._writer = None
+        # From here the blob may get attached even if storage then fails to
+        # answer: never abort it (an orphan blob is better than deleted content).
+        writer, self._writer = self._writer, None
+        result, created = await content.finish_upload(self.rt, self._message, writer)
         self.send_json({"message_id": message_id, **result}, status=201 if created else 200)
 
     def on_finish(self) -> None:
@@ -56,24 +56,41 @@ class ContentHandler(APIHandler):
         self._abandon()  # the client went away mid-upload: keep nothing of it
 
     def _abandon(self) -> None:
+        if self._message is not None:
+            content.end_upload(self.rt, self._message["id"])
         if self._writer is not None:
             writer, self._writer = self._writer, None
             self.rt.tasks.spawn(writer.abort(), "abandoned upload cleanup")
 
+    async def head(self, message_id: str) -> None:
+        await self._answer(message_id, with_body=False)
+
     async def get(self, message_id: str) -> None:
-        record, byte_range, chunks = await content.open_download(
-            self.rt, self.user_id, message_id, self.request.headers.get("Range"))
+        await self._answer(message_id, with_body=True)
+
+    async def _answer(self, message_id: str, with_body: bool) -> None:
+        message, record = await content.describe(self.rt, self.user_id, message_id)
         size = record["size"]
+        self.set_header("ETag", f'"{record["sha256"]}"')
+        self.set_header("Accept-Ranges", "bytes")
+        # Immutable ciphertext: the app may keep it, but revalidates (304) and no shared cache may.
+        self.set_header("Cache-Control", "private, no-cache")
+        if self.check_etag_header():  # If-None-Match: the client has these bytes already
+            self.set_status(304)
+            self.finish()
+            return
+        byte_range = content.parse_range(self.request.headers.get("Range"), size)
         start, end = byte_range or (0, size)
         self.set_header("Content-Type", "application/octet-stream")
-        self.set_header("Accept-Ranges", "bytes")
-        self.set_header("ETag", f'"{record["sha256"]}"')
         self.set_header("Content-Length", str(end - start))
         if byte_range is not None:
             self.set_status(206)
             self.set_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
+        if not with_body:
+            self.finish()
+            return
         sent = self.rt.metrics.blob_bytes.labels("out")
-        async for chunk in chunks:
+        async for chunk in await content.open_download(self.rt, message, byte_range):
             sent.inc(len(chunk))
             self.write(chunk)
             await self.flush()  # wait for the socket: memory stays at one chunk

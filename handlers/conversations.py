@@ -2,17 +2,14 @@
 from __future__ import annotations
 
 from handlers.base import APIHandler
-from kisse import messaging
-from kisse.validation import ID, obj
+from kisse import messaging, schemas
 from kisse.views import parse_page_cursor
 
-CREATE = obj({"participant_ids": {"type": "array", "items": ID, "minItems": 1, "maxItems": 1024},
-              "title": {"type": ["string", "null"], "maxLength": 128}},
-             ("participant_ids",))
 LIST_MAX = 100
 
 
 class ConversationsHandler(APIHandler):
+    BODIES = {"POST": schemas.CREATE_CONVERSATION}
     async def get(self) -> None:
         limit = self.query_int("limit", 50, minimum=1, maximum=LIST_MAX)
         before = parse_page_cursor(self.get_query_argument("before", None))
@@ -20,7 +17,7 @@ class ConversationsHandler(APIHandler):
         self.send_json(await messaging.list_conversations(self.rt, self.user_id, limit, before))
 
     async def post(self) -> None:
-        body = self.json_body(CREATE)
+        body = self.json_body()
         view, created = await messaging.create_conversation(
             self.rt, self.user_id, body["participant_ids"], body.get("title"))
         self.send_json({"conversation": view}, status=201 if created else 200)

@@ -1,9 +1,10 @@
-"""Liveness and readiness probes."""
+"""Liveness and readiness probes, and what the server offers."""
 from __future__ import annotations
 
 import asyncio
 
 from handlers.base import APIHandler
+from kisse.capabilities import capabilities
 from kisse.errors import Unavailable
 
 READY_TIMEOUT = 2.0
@@ -31,4 +32,13 @@ class ReadyHandler(APIHandler):
         self.send_json({"status": "ready"})
 
 
-routes = [(r"/healthz", HealthHandler), (r"/readyz", ReadyHandler)]
+class CapabilitiesHandler(APIHandler):
+    """Limits, timers and features of this server (no token: clients read it before login)."""
+
+    auth_required = False
+
+    def get(self) -> None:
+        self.send_json(capabilities(self.kisse_settings))
+
+
+routes = [(r"/healthz", HealthHandler), (r"/readyz", ReadyHandler), (r"/api/capabilities", CapabilitiesHandler)]

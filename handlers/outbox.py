@@ -13,8 +13,11 @@ permessage-deflate (ciphertext does not compress).
 """
 from __future__ import annotations
 
+import array
 import asyncio
+import fcntl
 import struct
+import termios
 from collections.abc import Callable
 
 from tornado.iostream import IOStream, StreamClosedError
@@ -37,7 +40,8 @@ def frame_header(size: int) -> bytes:
 class Outbox:
     """Text frames waiting for the next flush, and the bytes not yet handed to the kernel."""
 
-    __slots__ = ("_stream", "_hub", "_loop", "_frames", "_queued", "_scheduled", "_closed", "unsent_bytes")
+    __slots__ = ("_stream", "_hub", "_loop", "_frames", "_queued", "_scheduled", "_closed", "unsent_bytes",
+                 "written_bytes")
 
     def __init__(self, stream: IOStream, hub: Hub) -> None:
         self._stream = stream
@@ -48,6 +52,7 @@ class Outbox:
         self._scheduled = False
         self._closed = False
         self.unsent_bytes = 0  # queued here or still in the stream's buffer
+        self.written_bytes = 0  # handed to the kernel so far: it grows while the peer reads
 
     def put(self, payload: bytes, urgent: bool = False) -> None:
         """Queue one text frame (`payload` is its UTF-8 JSON) for the end of this loop pass.
@@ -62,8 +67,9 @@ class Outbox:
             self._loop.call_soon(self._scheduled_flush)
 
     def write_now(self, payload: bytes) -> asyncio.Future[None] | None:
-        """Write this frame (after those queued) now; see `flush`."""
-        return self.flush() if self._queue(payload) else None
+        """Write this frame (after those queued) now; the future resolves once the
+        kernel has it (see `flush`), whatever its size."""
+        return self.flush() if self._queue(payload, flush_when_full=False) else None
 
     def flush(self) -> asyncio.Future[None] | None:
         """Write every queued frame now; the future resolves once the kernel has them."""
@@ -79,16 +85,29 @@ class Outbox:
             return None
         if future.done():  # the usual case: the kernel took it all at once
             self.unsent_bytes -= len(data)
+            self.written_bytes += len(data)
         else:
             future.add_done_callback(self._written(len(data)))
         return future
+
+    def progress(self) -> int:
+        """Bytes of ours the peer has taken, roughly: handed to the kernel, minus
+        what the kernel still holds unacknowledged (Linux tells, via SIOCOUTQ;
+        elsewhere only the first part counts). Control frames the connection writes
+        itself (pings) blur it by a few bytes, so compare with some slack."""
+        try:
+            unacked = array.array("i", [0])
+            fcntl.ioctl(self._stream.socket.fileno(), termios.TIOCOUTQ, unacked)
+        except (OSError, AttributeError, ValueError):
+            return self.written_bytes
+        return self.written_bytes - unacked[0]
 
     def close(self) -> None:
         """Drop what is queued and refuse more: the close frame is the last one."""
         self._closed = True
         self._frames.clear()
 
-    def _queue(self, payload: bytes) -> bool:
+    def _queue(self, payload: bytes, flush_when_full: bool = True) -> bool:
         if self._closed:
             return False
         header = frame_header(len(payload))
@@ -97,7 +116,7 @@ class Outbox:
         self._frames.append(payload)
         self._queued += size
         self.unsent_bytes += size
-        if self._queued >= FLUSH_BYTES:
+        if flush_when_full and self._queued >= FLUSH_BYTES:
             self.flush()
         return True
 
@@ -109,4 +128,5 @@ class Outbox:
     def _written(self, size: int) -> Callable[[asyncio.Future[None]], None]:
         def done(_: asyncio.Future[None]) -> None:
             self.unsent_bytes -= size
+            self.written_bytes += size
         return done

@@ -2,15 +2,13 @@
 from __future__ import annotations
 
 from handlers.base import APIHandler
-from kisse import presence
-from kisse.validation import obj
-
-SET = obj({"status": {"enum": list(presence.STATUSES)}}, ("status",))
+from kisse import presence, schemas
 
 
 class PresenceHandler(APIHandler):
+    BODIES = {"POST": schemas.SET_PRESENCE}
     async def post(self) -> None:
-        body = self.json_body(SET)
+        body = self.json_body()
         self.send_json({"presence": await presence.set_status(self.rt, self.user_id, body["status"])})
 
 

@@ -8,26 +8,25 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import tornado.web
 import tornado.websocket
 from tornado.iostream import StreamClosedError
 
-from handlers.base import bearer_token, render_error
+from handlers.base import bearer_token, render_error, secure_headers
+from handlers.catchup import CatchUp
 from handlers.outbox import Outbox
 from kisse import auth, calls, messaging, presence, protocol
 from kisse.eager import run_eagerly
-from kisse.errors import KisseError
+from kisse.errors import BadRequest, KisseError, PayloadTooLarge, client_error
 from kisse.logs import new_request_id
 from kisse.runtime import Runtime
 from storage.base import new_id
 
 log = logging.getLogger("kisse.ws")
-SYNC_PAGE = 200
-# How many recent (conversation, seq) pushes a connection remembers, so a
-# later `sync` does not send them again.
-PUSHED_MEMORY = 5000
-# Frames a connection may have waiting to be handled before Tornado stops reading.
-INBOX_FRAMES = 16
 
+# Bytes the peer must take in an interval for that to count as a sign of life:
+# more than the pings and pongs of one interval can account for.
+PROGRESS_SLACK = 512
 # A heartbeat that wakes this many intervals late means the loop was too busy to
 # read: that interval gives no verdict on the peer.
 LATE_WAKEUP = 1.5
@@ -36,6 +35,20 @@ LATE_WAKEUP = 1.5
 DEAD_PEER_REASONS = ("ping timed out", "slow consumer")
 
 Action = Callable[["GatewaySocket", dict[str, Any]], Awaitable[Any]]
+
+
+class StrictTextProtocol(tornado.websocket.WebSocketProtocol13):
+    """Tornado drops a text frame that is not UTF-8 by cutting the connection
+    (the client sees 1006); RFC 6455 asks for close code 1007."""
+
+    def _handle_message(self, opcode: int, data: bytes) -> asyncio.Future[None] | None:
+        if opcode == 0x1 and not self.client_terminated:
+            try:
+                data.decode("utf-8")
+            except UnicodeDecodeError:
+                self.close(protocol.CLOSE_INVALID_TEXT, "text frame is not UTF-8")
+                return None
+        return super()._handle_message(opcode, data)
 
 
 class GatewaySocket(tornado.websocket.WebSocketHandler):
@@ -60,16 +73,24 @@ class GatewaySocket(tornado.websocket.WebSocketHandler):
         self.conn_id = new_id()
         self._expires_at = float(claims["exp"])
 
+    def set_default_headers(self) -> None:
+        secure_headers(self)
+
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         render_error(self, status_code, kwargs.get("exc_info"), self.rt.storage)
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
         # Tornado's default would log the request URI, and ours carries ?token=.
-        if isinstance(value, (KisseError, *self.rt.storage.unavailable_errors)):
-            return
+        if isinstance(value, (KisseError, *self.rt.storage.unavailable_errors)) or \
+                (isinstance(value, tornado.web.HTTPError) and value.status_code < 500):
+            return  # a client's mistake (e.g. ?token=%ff is not UTF-8): answered, not logged
         log.error("websocket handshake failed", exc_info=(typ, value, tb), extra={"path": self.request.path})
 
     # -- lifecycle ---------------------------------------------------------
+    def get_websocket_protocol(self) -> tornado.websocket.WebSocketProtocol | None:
+        protocol = super().get_websocket_protocol()
+        return None if protocol is None else StrictTextProtocol(self, False, protocol.params)
+
     def get_compression_options(self) -> None:
         return None  # the Outbox writes uncompressed frames; ciphertext doesn't compress anyway
 
@@ -77,22 +98,25 @@ class GatewaySocket(tornado.websocket.WebSocketHandler):
         assert self.ws_connection is not None
         self._outbox = Outbox(self.ws_connection.stream, self.rt.hub)
         self._closing = False
-        self._inbox: list[str | bytes] = []  # at most INBOX_FRAMES: a list is smallest
+        self._inbox: list[str | bytes] = []  # at most protocol.MAX_WAITING_REQUESTS: a list is smallest
         self._worker: asyncio.Task[None] | None = None
-        self._syncing: list[tuple[str, dict[str, Any], bytes]] | None = None
-        self._pushed: dict[tuple[str, int], None] = {}
+        self._catchup = CatchUp(self.rt.settings.ws_queue_bytes)
         self.set_nodelay(True)
         loop = asyncio.get_running_loop()
         self._expiry = loop.call_later(max(self._expires_at - time.time(), 0), self._token_expired)
         self._answered = True
         self._paused = self._paused_since_ping = False
         self._heartbeat = loop.create_task(self._beat())
+        self._sync_grace = loop.call_later(self.rt.settings.ws_sync_grace, self._end_sync_grace)
         self.rt.hub.add(self)
 
     async def _beat(self) -> None:
-        """Ping every interval; a peer that answered nothing since the last ping
-        (no pong, no frame) is dropped, so a dead one goes within two intervals.
+        """Ping every interval; a peer that showed no sign of life since the last
+        ping is dropped, so a dead one goes within two intervals.
 
+        Signs of life: a pong, any frame, or the peer taking our data (a client
+        busy reading a long catch-up may not have reached the ping yet: it waits
+        behind that data, in our buffers and the kernel's).
         Only time the server spent reading counts against the peer: while the
         inbox is full Tornado reads nothing (its pongs wait in the kernel), and
         a loop that woke up late was not reading either. Such an interval gives
@@ -101,11 +125,13 @@ class GatewaySocket(tornado.websocket.WebSocketHandler):
         interval = self.rt.settings.ws_ping
         loop = asyncio.get_running_loop()
         woke = loop.time()
+        progress = self._outbox.progress()
         while True:
             await asyncio.sleep(interval)
             slept, woke = loop.time() - woke, loop.time()
+            moving, progress = self._outbox.progress() > progress + PROGRESS_SLACK, self._outbox.progress()
             fair = not self._paused and not self._paused_since_ping and slept < interval * LATE_WAKEUP
-            if fair and not self._answered:
+            if fair and not self._answered and not moving:
                 self.close(protocol.CLOSE_PING_TIMEOUT, "ping timed out")
                 return
             self._answered = False
@@ -117,6 +143,9 @@ class GatewaySocket(tornado.websocket.WebSocketHandler):
 
     def on_pong(self, data: bytes) -> None:
         self._answered = True
+
+    def on_ping(self, data: bytes) -> None:
+        self._answered = True  # any frame from the peer is a sign of life
 
     def _pause_reading(self) -> asyncio.Task[None]:
         """Backpressure: Tornado stops reading until the worker has drained the inbox."""
@@ -136,6 +165,7 @@ class GatewaySocket(tornado.websocket.WebSocketHandler):
         if hasattr(self, "_expiry"):
             self._expiry.cancel()
             self._heartbeat.cancel()
+            self._sync_grace.cancel()
             self.rt.hub.remove(self)
 
     def close(self, code: int | None = None, reason: str | None = None) -> None:
@@ -159,18 +189,10 @@ class GatewaySocket(tornado.websocket.WebSocketHandler):
         """Queue an event; drop the client if it has stopped reading."""
         self.rt.metrics.frames.count("out", event_type)
         if event_type == "message.new":
-            if self._syncing is not None:
-                self._syncing.append((event_type, data, frame))
-                return
-            self._remember(data)
-            self._send(frame, urgent=True)
+            if not self._catchup.offer(data, frame):
+                self._send(frame, urgent=True)
             return
         self._send(frame)
-
-    def _remember(self, message: dict[str, Any]) -> None:
-        self._pushed[(message["conversation_id"], message["seq"])] = None
-        if len(self._pushed) > PUSHED_MEMORY:
-            del self._pushed[next(iter(self._pushed))]
 
     def _send(self, frame: bytes, urgent: bool = False) -> None:
         if self._closing or self.ws_connection is None:
@@ -188,7 +210,7 @@ class GatewaySocket(tornado.websocket.WebSocketHandler):
     # -- inbound ---------------------------------------------------------------
     def on_message(self, message: str | bytes) -> asyncio.Task[None] | None:
         """Handle the frame now, or queue it behind the one being handled: frames
-        are handled one at a time, in order. With INBOX_FRAMES waiting, Tornado
+        are handled one at a time, in order. With protocol.MAX_WAITING_REQUESTS waiting, Tornado
         stops reading until they are done: a client cannot queue unbounded work."""
         self._answered = True
         self._inbox.append(message)
@@ -196,7 +218,7 @@ class GatewaySocket(tornado.websocket.WebSocketHandler):
             # Handled right here unless it has to wait (kisse/eager.py); the Task
             # that then carries on also takes the frames arriving meanwhile.
             self._worker = run_eagerly(self._work())
-        return self._pause_reading() if len(self._inbox) >= INBOX_FRAMES else None
+        return self._pause_reading() if len(self._inbox) >= protocol.MAX_WAITING_REQUESTS else None
 
     async def _work(self) -> None:
         try:
@@ -218,61 +240,40 @@ class GatewaySocket(tornado.websocket.WebSocketHandler):
                 self.reply("ack", result, request_id)
         except protocol.FrameError as error:
             self.reply("error", error.to_dict(), error.request_id)
-        except KisseError as error:
+        except Exception as exc:
+            error = client_error(exc, self.rt.storage.unavailable_errors)
+            if error.status >= 500 and error.code == "internal_error":
+                log.exception("websocket request failed")
             self.reply("error", error.to_dict(), request_id)
-        except Exception as error:
-            if isinstance(error, self.rt.storage.unavailable_errors):
-                self.reply("error", {"code": "storage_unavailable", "message": "storage is unavailable"},
-                           request_id)
-                return
-            log.exception("websocket request failed")
-            self.reply("error", {"code": "internal_error", "message": "internal server error"}, request_id)
 
     async def sync(self, cursors: dict[str, int]) -> dict[str, Any]:
-        """Send every message missed since the client's cursors, then go live.
+        """Send every message missed since the client's cursors, then go live
+        (handlers/catchup.py: no gap and no duplicate at the seam)."""
+        self._sync_grace.cancel()
+        covered, held = await self._catchup.run(self.rt.storage, self.user_id, cursors, self._send_now)
+        for frame in held:
+            self._send(frame, urgent=True)
+        return {"messages": covered}
 
-        Live `message.new` events arriving meanwhile are held back and sent
-        after the catch-up, minus any the catch-up already sent, so the seam
-        has no gap and no duplicate.
-        """
-        self._syncing = []
-        sent: set[tuple[str, int]] = set()
-        storage = self.rt.storage
-        try:
-            for conversation in await storage.list_conversations(self.user_id, limit=100_000):
-                conversation_id = conversation["id"]
-                after = cursors.get(conversation_id)
-                if after is None:
-                    receipt = (await storage.get_receipts(conversation_id)).get(self.user_id)
-                    after = receipt["delivered_seq"] if receipt else 0
-                while after < conversation["last_seq"]:
-                    page, more = await storage.list_messages(conversation_id, after=after, limit=SYNC_PAGE)
-                    for record in page:
-                        key = (conversation_id, record["seq"])
-                        if key not in self._pushed:
-                            await self._send_now("message.new", messaging.message_view(record))
-                        sent.add(key)
-                    if not page or not more:
-                        break
-                    after = page[-1]["seq"]
-        finally:
-            held, self._syncing = self._syncing, None
-            for event_type, data, frame in held:
-                if (data["conversation_id"], data["seq"]) not in sent:
-                    self.push(event_type, data, frame)
-            self._pushed.clear()
-        return {"messages": len(sent)}
+    def _end_sync_grace(self) -> None:
+        """A client that has not synced yet gets its held live messages now."""
+        if self._catchup.holding and not self._closing:
+            for frame in self._catchup.release():
+                self._send(frame, urgent=True)
 
-    async def _send_now(self, kind: str, data: dict[str, Any]) -> None:
-        """Write and wait for the socket: catch-up is paced by the client's reading."""
+    async def _send_now(self, message: dict[str, Any]) -> bool:
+        """Write a catch-up message and wait for the socket to take it: catch-up is
+        paced by the client's reading. False once the connection is gone."""
         if self._closing:
-            return
-        written = self._outbox.write_now(protocol.encode(kind, data))
+            return False
+        self.rt.metrics.frames.count("out", "message.new")
+        written = self._outbox.write_now(protocol.encode("message.new", message))
         if written is not None:
             try:
                 await written
             except StreamClosedError:
-                pass  # on_close has run or will: the loop in sync() stops sending
+                return False
+        return not self._closing
 
 
 async def _ping(socket: GatewaySocket, data: dict[str, Any]) -> dict[str, Any]:
@@ -297,9 +298,15 @@ def _signal(kind: str) -> Action:
 
 
 async def _hangup(socket: GatewaySocket, data: dict[str, Any]) -> Any:
+    relayed = False
     if "payload" in data:  # a last word for the peer (e.g. a reason), sent while the call is live
-        await calls.relay(socket.rt, socket.user_id, socket.conn_id, data["call_id"], "call.hangup", data["payload"])
-    return {"call": await calls.hang_up(socket.rt, socket.user_id, data["call_id"])}
+        try:
+            await calls.relay(socket.rt, socket.user_id, socket.conn_id, data["call_id"], "call.hangup",
+                              data["payload"])
+            relayed = True
+        except (BadRequest, PayloadTooLarge):
+            pass  # a bad last word never keeps a call alive: it is dropped, the call still ends
+    return {"call": await calls.hang_up(socket.rt, socket.user_id, data["call_id"]), "payload_relayed": relayed}
 
 
 async def _typing(socket: GatewaySocket, data: dict[str, Any], start: bool) -> Any:

@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+from urllib.parse import urlsplit, urlunsplit
 
 import tornado.httpserver
 
@@ -45,10 +46,19 @@ def parse_args(argv: list[str]) -> dict[str, str]:
     return {k: v for k, v in vars(args).items() if v is not None}
 
 
+class StartupError(Exception):
+    """The server cannot start; the message says which setting to look at."""
+
+
 async def serve(settings: Settings) -> None:
     storage = create_storage(settings.storage)
     app = make_app(settings, storage)
-    await startup(app)
+    try:
+        await startup(app)
+    except storage.unavailable_errors as error:
+        await storage.close()
+        raise StartupError(f"KISSE_STORAGE: cannot reach {redact(settings.storage)} "
+                           f"({type(error).__name__}); is the database running?") from None
     server = tornado.httpserver.HTTPServer(app, xheaders=True, max_body_size=settings.max_body + BODY_SLACK)
     server.listen(settings.port, settings.host)
     log.info("kisse listening", extra={"host": settings.host, "port": settings.port,
@@ -84,8 +94,21 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("KISSE_JWT_SECRET is not set: using a random secret, tokens won't survive a restart")
     gc.freeze()  # what start-up loaded (modules, settings) is never garbage: don't rescan it
     gc.set_threshold(*GC_THRESHOLDS)
-    asyncio.run(serve(settings))
+    try:
+        asyncio.run(serve(settings))
+    except StartupError as error:
+        print(f"kisse: {error}", file=sys.stderr)
+        return 1
     return 0
+
+
+def redact(url: str) -> str:
+    """A storage URL without its password, fit for a log line."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import tornado.web
 from config.settings import Settings
 from handlers import default_handlers
 from handlers.base import NotFoundHandler
+from kisse import auth
 from kisse.calls import CallTimers
 from kisse.members import Members
 from kisse.metrics import Metrics
@@ -23,6 +24,7 @@ access_log = logging.getLogger("kisse.access")
 # Metrics label requests by route pattern (bounded), never by raw path.
 ROUTE_OF = {handler: pattern for pattern, handler in default_handlers}
 CLIENT_CLOSED = 499
+KNOWN_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"))
 
 
 def log_request(handler: tornado.web.RequestHandler) -> None:
@@ -32,10 +34,12 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
     status = CLIENT_CLOSED if getattr(handler, "client_gone", False) else handler.get_status()
     level = logging.INFO if status < 500 or status == CLIENT_CLOSED else logging.ERROR
     seconds = request.request_time()
-    access_log.log(level, "%s %s %d %.1fms", request.method, request.path, status, 1000.0 * seconds,
-                   extra={"method": request.method, "path": request.path, "status": status})
+    # Tornado passes any method token through: logs and metric labels take known values only.
+    method = request.method if request.method in KNOWN_METHODS else "other"
+    access_log.log(level, "%s %s %d %.1fms", method, request.path, status, 1000.0 * seconds,
+                   extra={"method": method, "path": request.path, "status": status})
     route = ROUTE_OF.get(type(handler), "unmatched")
-    runtime(handler.application).metrics.http_latency.labels(route, request.method, str(status)).observe(seconds)
+    runtime(handler.application).metrics.http_latency.labels(route, method, str(status)).observe(seconds)
 
 
 def make_app(settings: Settings, storage: Storage) -> tornado.web.Application:
@@ -62,9 +66,10 @@ def runtime(app: tornado.web.Application) -> Runtime:
 
 
 async def startup(app: tornado.web.Application) -> None:
-    """Prepare storage (migrations, indexes) and start the call sweeper."""
+    """Prepare storage (migrations, indexes) and logins, and start the call sweeper."""
     rt = runtime(app)
     await rt.storage.start()
+    await auth.prepare(rt)
     rt.calls.start()
 
 

@@ -15,7 +15,9 @@ from kisse.runtime import Runtime
 from kisse.views import iso, user_view
 from storage.base import Record, UsernameTaken
 
-USERNAME_RE = re.compile(r"^[a-z0-9_.\-]{3,32}$", re.IGNORECASE)
+# ASCII only, matched whole: `$` would accept a final newline, and IGNORECASE
+# would fold lookalikes (U+212A KELVIN SIGN is "k") into someone else's name.
+USERNAME_RE = re.compile(r"[a-z0-9_.\-]{3,32}")
 MIN_PASSWORD = 8
 # bcrypt reads at most 72 bytes (bcrypt 5 raises past that). We refuse longer
 # passwords with a clear 400 instead of truncating them silently.
@@ -36,22 +38,30 @@ async def verify_password(password: str, password_hash: str) -> bool:
         None, bcrypt.checkpw, password.encode(), password_hash.encode())
 
 
-async def _dummy_hash(rt: Runtime) -> str:
-    """A hash to verify against for unknown users, so they cost the same time."""
-    if rt.dummy_hash is None:
-        rt.dummy_hash = await hash_password(rt, secrets.token_urlsafe(16))
-    return rt.dummy_hash
+async def prepare(rt: Runtime) -> None:
+    """At start-up: the hash unknown users are verified against, so that the very
+    first login for an unknown user costs one bcrypt like every other."""
+    rt.dummy_hash = await hash_password(rt, secrets.token_urlsafe(16))
 
 
-def validate_credentials(username: str, password: str) -> None:
-    if not USERNAME_RE.match(username):
-        raise BadRequest("username must be 3-32 characters of a-z, 0-9, '_', '.', '-'",
-                         code="invalid_username")
+def canonical_username(username: str) -> str | None:
+    """The stored form of a username (lower-case ASCII), or None if it can't be one."""
+    lowered = username.lower() if username.isascii() else ""
+    return lowered if USERNAME_RE.fullmatch(lowered) else None
+
+
+def validate_credentials(username: str, password: str) -> str:
+    """The canonical username, once both are acceptable for a new account."""
+    canonical = canonical_username(username)
+    if canonical is None:
+        raise BadRequest("username must be 3-32 characters of a-z, 0-9, '_', '.', '-' (ASCII; "
+                         "upper case is stored lower-cased)", code="invalid_username")
     if len(password) < MIN_PASSWORD:
         raise BadRequest(f"password must be at least {MIN_PASSWORD} characters", code="weak_password")
     if len(password.encode()) > MAX_PASSWORD_BYTES:
         raise BadRequest(f"password must be at most {MAX_PASSWORD_BYTES} bytes in UTF-8",
                          code="password_too_long")
+    return canonical
 
 
 def issue_token(rt: Runtime, user: Record) -> dict[str, Any]:
@@ -86,21 +96,24 @@ async def authenticate(rt: Runtime, token: str | None) -> tuple[Record, dict[str
 
 
 async def register(rt: Runtime, username: str, password: str, display_name: str | None) -> dict[str, Any]:
-    validate_credentials(username, password)
-    if await rt.storage.get_credentials(username) is not None:
+    canonical = validate_credentials(username, password)
+    if await rt.storage.get_credentials(canonical) is not None:
         raise Conflict("username is taken", code="username_taken")
     password_hash = await hash_password(rt, password)
+    display = (display_name or "").strip() or username  # as typed: "Alice" shows as Alice
     try:
-        user = await rt.storage.create_user(username, password_hash, (display_name or "").strip() or username)
+        user = await rt.storage.create_user(canonical, password_hash, display)
     except UsernameTaken:
         raise Conflict("username is taken", code="username_taken") from None
     return issue_token(rt, user)
 
 
 async def login(rt: Runtime, username: str, password: str) -> dict[str, Any]:
-    found = await rt.storage.get_credentials(username)
+    canonical = canonical_username(username)
+    found = await rt.storage.get_credentials(canonical) if canonical else None
     # Always run one bcrypt verify, so timing does not reveal whether the user exists.
-    password_hash = found[1] if found else await _dummy_hash(rt)
+    assert rt.dummy_hash is not None, "auth.prepare() runs at start-up"
+    password_hash = found[1] if found else rt.dummy_hash
     # An over-long password can't match (register refuses them); verify a stand-in
     # so bcrypt 5 doesn't raise and the timing stays the same.
     too_long = len(password.encode()) > MAX_PASSWORD_BYTES

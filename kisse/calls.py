@@ -177,16 +177,19 @@ async def relay(rt: Runtime, user_id: str, origin_conn: str, call_id: str, kind:
     call = await party_call(rt, user_id, call_id)
     if call["status"] not in LIVE_CALL_STATUSES:
         raise _invalid(call, "signal on")
+    peer = call["callee_id"] if user_id == call["caller_id"] else call["caller_id"]
+    event = {"call_id": call_id, "from_user_id": user_id, "payload": payload}
     try:
+        # The event as it will be sent: orjson writes at most 255 levels, and the
+        # envelope adds two to the payload's own.
+        protocol.encode(kind, event)
         size = len(orjson.dumps(payload))
-    except orjson.JSONEncodeError:  # orjson writes at most 255 levels of nesting
+    except orjson.JSONEncodeError:
         raise BadRequest("payload is nested too deeply", code="invalid_field",
                          details={"field": "payload"}) from None
     if size > rt.settings.max_signal:
         raise PayloadTooLarge(f"signalling payload is over {rt.settings.max_signal} bytes",
                               code="signal_too_large")
-    peer = call["callee_id"] if user_id == call["caller_id"] else call["caller_id"]
-    event = {"call_id": call_id, "from_user_id": user_id, "payload": payload}
     answered_on = rt.calls.answered_on.get(call_id)
     device = rt.hub.get(peer, answered_on) if peer == call["callee_id"] and answered_on else None
     if device is not None:
@@ -208,12 +211,15 @@ async def history(rt: Runtime, user_id: str, limit: int, before: tuple[datetime,
     return {"calls": [call_view(c) for c in page], "next_before": cursor}
 
 
-def turn_credentials(rt: Runtime, user_id: str) -> dict[str, Any]:
-    """coturn REST-API credentials: username `expiry:user_id`, password HMAC-SHA1."""
+async def turn_credentials(rt: Runtime, user_id: str) -> dict[str, Any]:
+    """coturn REST-API credentials (username `expiry:user_id`, password HMAC-SHA1),
+    only for a party to a live call: open sign-up must not open the relay to anyone."""
     settings = rt.settings
     if not settings.turn_secret:
         raise NotFound("TURN is not configured on this server (set KISSE_TURN_SECRET and KISSE_TURN_URIS)",
                        code="turn_not_configured")
+    if not await rt.storage.list_active_calls(user_id):
+        raise Conflict("TURN credentials are for a party to a ringing or accepted call", code="no_live_call")
     expiry = int(time.time()) + settings.turn_ttl
     username = f"{expiry}:{user_id}"
     digest = hmac.new(settings.turn_secret.encode(), username.encode(), hashlib.sha1).digest()

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import tornado.httputil
+import tornado.web
+
 
 class KisseError(Exception):
     """An error a client may see: HTTP status, snake_case code, readable message."""
@@ -58,3 +61,32 @@ class RangeNotSatisfiable(KisseError):
 
 class Unavailable(KisseError):
     status, code = 503, "storage_unavailable"
+
+
+def excerpt(value: Any, limit: int = 32) -> str:
+    """A short rendering of a client-sent value for a message: never the whole of it."""
+    text = value if isinstance(value, str) else type(value).__name__
+    return repr(text if len(text) <= limit else text[:limit] + "…")
+
+
+_HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed",
+               413: "payload_too_large", 503: "storage_unavailable"}
+
+
+def client_error(exc: BaseException | None, unavailable: tuple[type[BaseException], ...],
+                 status_code: int = 500) -> KisseError:
+    """Whatever went wrong, as the error a client may see (REST and WebSocket alike)."""
+    if isinstance(exc, KisseError):
+        return exc
+    if exc is not None and isinstance(exc, unavailable):
+        return Unavailable("storage is unavailable, retry shortly")
+    if isinstance(exc, tornado.web.HTTPError) and exc.status_code < 500:
+        if exc.log_message:
+            message = exc.log_message % exc.args if exc.args else exc.log_message
+        else:
+            message = (exc.reason or tornado.httputil.responses.get(exc.status_code, "error")).lower()
+        return KisseError(message, code=_HTTP_CODES.get(exc.status_code, "http_error"), status=exc.status_code)
+    if status_code < 500:
+        return KisseError(tornado.httputil.responses.get(status_code, "error").lower(),
+                          code=_HTTP_CODES.get(status_code, "http_error"), status=status_code)
+    return KisseError("internal server error", code="internal_error", status=500)

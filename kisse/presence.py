@@ -20,7 +20,6 @@ from kisse.runtime import Runtime
 from kisse.views import presence_view
 from storage.base import utcnow
 
-STATUSES = ("online", "away", "busy", "offline")
 log = logging.getLogger("kisse.presence")
 
 

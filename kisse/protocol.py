@@ -6,64 +6,66 @@ server pushes carry no id.
 """
 from __future__ import annotations
 
-import orjson
 from typing import Any
 
-from kisse.errors import BadRequest, KisseError
-from kisse.validation import ID, Schema, obj, validate
+import orjson
+
+from kisse import schemas
+from kisse.errors import BadRequest, KisseError, excerpt
+from kisse.validation import MAX_PROPERTIES, Schema, obj, validate
 
 # WebSocket close codes (1xxx from RFC 6455, 4xxx ours; listed in asyncapi.yaml).
 CLOSE_GOING_AWAY = 1001          # server shutting down
+CLOSE_INVALID_TEXT = 1007        # a text frame that is not UTF-8
 CLOSE_TOO_BIG = 1009             # frame over KISSE_MAX_WS_FRAME (Tornado sends it)
 CLOSE_TOKEN_EXPIRED = 4001       # the token used to connect has expired
 CLOSE_PING_TIMEOUT = 4002        # the peer answered no ping for two intervals of reading
 CLOSE_SLOW_CONSUMER = 4008       # the client stopped reading; its queue overflowed
 
-_CALL = obj({"call_id": ID}, ("call_id",))
-_SIGNAL = obj({"call_id": ID, "payload": {}}, ("call_id", "payload"))
-_CONVERSATION = obj({"conversation_id": ID}, ("conversation_id",))
-_MESSAGE = obj({"message_id": ID}, ("message_id",))
-
 REQUESTS: dict[str, Schema] = {
-    "ping": obj({}),
-    "sync": obj({"cursors": {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0},
-                             "maxProperties": 10000}}),
-    "message.send": obj({"conversation_id": ID,
-                         "client_message_id": {"type": "string", "minLength": 1, "maxLength": 64},
-                         "ciphertext": {"type": ["string", "null"]}},
-                        ("conversation_id", "client_message_id")),
-    "message.delivered": _MESSAGE,
-    "message.read": _MESSAGE,
-    "typing.start": _CONVERSATION,
-    "typing.stop": _CONVERSATION,
-    "presence.set": obj({"status": {"enum": ["online", "away", "busy", "offline"]}}, ("status",)),
-    "call.start": obj({"callee_id": ID, "media": {"enum": ["audio", "video"]}}, ("callee_id", "media")),
-    "call.accept": _CALL,
-    "call.reject": _CALL,
-    "call.cancel": _CALL,
-    "call.end": _CALL,
-    "call.offer": _SIGNAL,
-    "call.answer": _SIGNAL,
-    "call.ice": _SIGNAL,
-    "call.hangup": obj({"call_id": ID, "payload": {}}, ("call_id",)),
+    "ping": schemas.EMPTY,
+    "sync": schemas.SYNC,
+    "message.send": schemas.SEND_MESSAGE,
+    "message.delivered": schemas.MESSAGE_REF,
+    "message.read": schemas.MESSAGE_REF,
+    "typing.start": schemas.CONVERSATION_REF,
+    "typing.stop": schemas.CONVERSATION_REF,
+    "presence.set": schemas.SET_PRESENCE,
+    "call.start": schemas.START_CALL,
+    "call.accept": schemas.CALL_REF,
+    "call.reject": schemas.CALL_REF,
+    "call.cancel": schemas.CALL_REF,
+    "call.end": schemas.CALL_REF,
+    "call.offer": schemas.SIGNAL,
+    "call.answer": schemas.SIGNAL,
+    "call.ice": schemas.SIGNAL,
+    "call.hangup": schemas.HANGUP,
 }
-
-ENVELOPE = {"type": "object", "required": ["type"], "additionalProperties": False,
-            "properties": {"type": {"type": "string"},
-                           "id": {"type": ["string", "integer"], "maxLength": 64},
-                           "data": {"type": "object"}}}
+MAX_ID_LENGTH = 64
+# Requests a connection may have waiting to be handled; with this many, the
+# server stops reading it until they are done (TCP backpressure).
+MAX_WAITING_REQUESTS = 16
+ENVELOPE = obj({"type": {"type": "string"},
+                "id": {"type": ["string", "integer"], "maxLength": MAX_ID_LENGTH,
+                       "minimum": -2**63, "maximum": 2**63 - 1},
+                "data": {"type": "object"}},
+               ("type",))
 
 
 class FrameError(KisseError):
     """A frame we can't act on; carries the request id when we could read it."""
 
-    def __init__(self, message: str, code: str, request_id: Any = None) -> None:
-        super().__init__(message, code=code, status=400)
+    def __init__(self, message: str, code: str, request_id: Any = None,
+                 details: dict[str, Any] | None = None) -> None:
+        super().__init__(message, code=code, status=400, details=details)
         self.request_id = request_id
 
 
 def parse(text: str | bytes) -> tuple[str, Any, dict[str, Any]]:
-    """`(type, id, data)` of a valid request frame; `FrameError` otherwise."""
+    """`(type, id, data)` of a valid request frame; `FrameError` otherwise.
+
+    Unknown envelope and `data` fields are ignored. An error carries the request
+    id only when the id itself is valid, so nothing invalid is echoed back."""
     if isinstance(text, bytes):
         raise FrameError("frames must be JSON text, not binary", "binary_frame")
     try:
@@ -71,36 +73,37 @@ def parse(text: str | bytes) -> tuple[str, Any, dict[str, Any]]:
     except orjson.JSONDecodeError:
         raise FrameError("frame is not valid JSON", "malformed_json") from None
     request_id = frame.get("id") if isinstance(frame, dict) else None
-    if isinstance(request_id, float):  # 2.0, or an integer too big for 64 bits (orjson reads it as a float)
-        raise FrameError("id must be a string or an integer of at most 64 bits", "invalid_field")
-    if isinstance(request_id, (dict, list, bool)):
+    if not _valid_id(request_id):
         request_id = None
     try:
         if not _plain_envelope(frame):  # the schema only runs to explain what is wrong
-            validate(frame, ENVELOPE)
+            validate(frame, ENVELOPE, "frame")
+            if "id" in frame and request_id is None:  # 2.0, or an integer over 64 bits read as a float
+                raise BadRequest("id must be a string or an integer of at most 64 bits",
+                                 code="invalid_field", details={"field": "id"})
         kind = frame["type"]
         schema = REQUESTS.get(kind)
         if schema is None:
-            raise FrameError(f"unknown frame type {kind!r}", "unknown_type", request_id)
-        data = validate(frame.get("data", {}), schema)
+            raise FrameError(f"unknown frame type {excerpt(kind)}", "unknown_type", request_id)
+        data = validate(frame.get("data", {}), schema, "data")
     except BadRequest as error:
-        raise FrameError(error.message, error.code, request_id) from None
+        raise FrameError(error.message, error.code, request_id, error.details) from None
     return kind, request_id, data
+
+
+def _valid_id(request_id: Any) -> bool:
+    if isinstance(request_id, str):
+        return len(request_id) <= MAX_ID_LENGTH
+    return type(request_id) is int and -2**63 <= request_id < 2**63
 
 
 def _plain_envelope(frame: Any) -> bool:
     """A cheap exact check of ENVELOPE for the common, valid case (a hot path)."""
-    if not isinstance(frame, dict) or not isinstance(frame.get("type"), str) or not frame.keys() <= _KEYS:
+    if not isinstance(frame, dict) or not isinstance(frame.get("type"), str) or len(frame) > MAX_PROPERTIES:
         return False
-    request_id = frame.get("id")
-    if "id" in frame and not (
-            (isinstance(request_id, str) and len(request_id) <= 64)
-            or (isinstance(request_id, int) and not isinstance(request_id, bool))):
+    if "id" in frame and not _valid_id(frame["id"]):
         return False
     return isinstance(frame.get("data", {}), dict)
-
-
-_KEYS = frozenset(ENVELOPE["properties"])
 
 
 def encode(kind: str, data: dict[str, Any], request_id: Any = None) -> bytes:

@@ -37,5 +37,7 @@ class Runtime:
     members: "Members" = field(init=False)
     # REST requests being served now; shutdown waits for them.
     inflight: int = 0
+    # Messages whose content is being uploaded to this process right now.
+    uploading: set[str] = field(default_factory=set)
     # bcrypt hash of a random password, verified for unknown users at login.
     dummy_hash: str | None = None

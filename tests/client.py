@@ -10,6 +10,10 @@ from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
 _names = itertools.count()
+# How long a test waits for a reply or an event that must come: generous, so a
+# slow CI machine is never mistaken for a bug (waits for events that must *not*
+# come are short and explicit).
+WAIT = 20.0
 
 
 class Api:
@@ -34,7 +38,7 @@ class Api:
                                                      headers=all_headers, request_timeout=60),
                                           raise_error=False)
         content_type = response.headers.get("Content-Type", "")
-        if content_type.startswith("application/json"):
+        if content_type.startswith("application/json") and response.body:  # HEAD has none
             return response.code, json.loads(response.body)
         return response.code, response.body
 
@@ -93,7 +97,7 @@ class Ws:
             else:
                 await self.events.put(frame)
 
-    async def request(self, kind: str, data: dict | None = None, timeout: float = 5) -> dict:
+    async def request(self, kind: str, data: dict | None = None, timeout: float = WAIT) -> dict:
         """Send a request with a fresh id and wait for its reply frame."""
         request_id = f"r{next(self._ids)}"
         future = asyncio.get_running_loop().create_future()
@@ -106,7 +110,7 @@ class Ws:
         assert reply["type"] in ("ack", "pong"), reply
         return reply["data"]
 
-    async def event(self, kind: str | None = None, timeout: float = 5) -> dict:
+    async def event(self, kind: str | None = None, timeout: float = WAIT) -> dict:
         """The next event (of `kind`, skipping others)."""
         while True:
             frame = await asyncio.wait_for(self.events.get(), timeout)

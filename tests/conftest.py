@@ -19,6 +19,7 @@ TEST_SETTINGS = Settings(
     presence_grace=0.3,
     typing_timeout=0.3,
     ws_ping=0.3,
+    ws_sync_grace=0.5,
     call_ring_timeout=1.0,
     call_sweep_interval=0.2,
     turn_secret="turn-shared-secret",

@@ -37,6 +37,7 @@ def test_defaults():
     ({"KISSE_ENV": "production"}, "KISSE_JWT_SECRET"),
     ({"KISSE_ENV": "production", "KISSE_JWT_SECRET": "short"}, "KISSE_JWT_SECRET"),
     ({"KISSE_MAX_BODY": "1.5"}, "KISSE_MAX_BODY"),
+    ({"KISSE_ENV": "production", "KISSE_JWT_SECRET": "x" * 40, "KISSE_BCRYPT_ROUNDS": "9"}, "KISSE_BCRYPT_ROUNDS"),
 ])
 def test_invalid_settings_name_the_variable(env, variable):
     with pytest.raises(SettingsError, match=variable):
@@ -69,6 +70,15 @@ def test_cli_refuses_bad_settings_in_one_line(env, variable):
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and variable in lines[0] and "Traceback" not in result.stderr
+
+
+def test_unreachable_mongodb_at_start_up_is_one_line_naming_kisse_storage():
+    url = f"mongodb://kisse:s3cret-pass@127.0.0.1:{free_port()}/kisse?serverSelectionTimeoutMS=300&connectTimeoutMS=300"
+    result = run_kisse({"KISSE_STORAGE": url})
+    assert result.returncode == 1
+    lines = [line for line in result.stderr.strip().splitlines() if not line.startswith("{")]  # JSON logs aside
+    assert len(lines) == 1 and lines[0].startswith("kisse: KISSE_STORAGE: cannot reach"), result.stderr
+    assert "Traceback" not in result.stderr and "s3cret-pass" not in result.stderr
 
 
 def test_every_setting_is_an_option_documented_with_its_default():

@@ -2,7 +2,9 @@
 
 - docs/openapi.yaml is a valid OpenAPI 3.1 document (openapi-spec-validator),
   its examples match their schemas, and its paths and methods are exactly the
-  routes the app serves (no drift either way).
+  routes the app serves (no drift either way). Each JSON request body is the
+  schema its handler reads (`BODIES`, from kisse/schemas.py), `$ref`s resolved,
+  and the Capabilities schema is what `capabilities()` returns.
 - Both load as strict YAML: every mapping key a string, so an unquoted `, ` or
   `{` in a description cannot turn it into a mapping a client generator rejects.
 - docs/asyncapi.yaml passes the official parser, @asyncapi/parser from npm
@@ -10,8 +12,8 @@
   exists on PyPI), and is checked structurally: version, every `$ref`
   resolves, every request type of kisse/protocol.py and every server frame
   has a message with a payload schema and a valid example, the
-  request `data` schemas equal the server's, and the schemas shared with
-  openapi.yaml are identical.
+  request `data` schemas and the envelope equal the server's, and the schemas
+  shared with openapi.yaml are identical.
 - A live pass drives the real app (memory storage) through every route and
   most WebSocket frames and validates each response and frame against the specs.
 """
@@ -33,8 +35,10 @@ from openapi_spec_validator import validate as validate_openapi
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
+from config.settings import Settings
 from handlers import default_handlers
 from kisse import protocol
+from kisse.capabilities import capabilities
 from tests import node_tools
 
 
@@ -130,12 +134,22 @@ def all_refs(node: Any) -> list[str]:
     return []
 
 
-def strip_docs(node: Any) -> Any:
-    """A schema without its documentation-only keywords."""
+# Keywords whose value maps names to schemas: their keys are names, not keywords.
+_NAMED = ("properties", "patternProperties", "$defs", "definitions")
+
+
+def as_code(document: dict, node: Any, named: bool = False) -> Any:
+    """A schema as kisse/schemas.py writes it: every `$ref` replaced by its target
+    (recursively) and the documentation-only keywords dropped."""
     if isinstance(node, dict):
-        return {k: strip_docs(v) for k, v in node.items() if k not in ("description", "examples", "example")}
+        if not named and "$ref" in node:
+            extra = sorted(k for k in node if k not in ("$ref", "description", "examples", "example"))
+            assert not extra, f"{node['$ref']}: keywords beside $ref ({extra}) would be lost"
+            return as_code(document, resolve(document, node["$ref"]))
+        return {k: as_code(document, v, not named and k in _NAMED) for k, v in node.items()
+                if named or k not in ("description", "examples", "example")}
     if isinstance(node, list):
-        return [strip_docs(v) for v in node]
+        return [as_code(document, v) for v in node]
     return node
 
 
@@ -260,6 +274,61 @@ def test_openapi_refs_resolve() -> None:
         resolve(OPENAPI, ref)
 
 
+def served_bodies() -> dict[tuple[str, str], Any]:
+    """`{(METHOD, openapi path): schema}` for every JSON body a handler reads (its `BODIES`)."""
+    paths = {re.sub(r"\{[^}]+\}", "{}", path): path for path in OPENAPI["paths"]}
+    bodies: dict[tuple[str, str], Any] = {}
+    for pattern, handler in default_handlers:
+        for method, schema in getattr(handler, "BODIES", {}).items():
+            assert getattr(handler, method.lower()) is not getattr(tornado.web.RequestHandler, method.lower()), \
+                f"{handler.__name__}.BODIES names {method}, which it does not serve"
+            for template in _expand(pattern):
+                path = paths.get(template.replace("\0", "{}"))
+                assert path is not None, f"{template!r} is not in docs/openapi.yaml"
+                bodies[(method, path)] = schema
+    return bodies
+
+
+def documented_json_bodies() -> dict[tuple[str, str], Any]:
+    """`{(METHOD, openapi path): schema}` for every documented `application/json` request body."""
+    found = {}
+    for path, item in OPENAPI["paths"].items():
+        for method, operation in item.items():
+            if method in HTTP_METHODS and "requestBody" in operation:
+                content = deref(OPENAPI, operation["requestBody"])["content"]
+                if "application/json" in content:
+                    found[(method.upper(), path)] = content["application/json"]["schema"]
+    return found
+
+
+def test_rest_bodies_are_documented_as_the_handlers_read_them() -> None:
+    """Every handler's `BODIES[method]` (kisse/schemas.py) is its route's requestBody schema
+    in openapi.yaml, `$ref`s resolved and documentation dropped; no other route documents one."""
+    served, documented = served_bodies(), documented_json_bodies()
+    assert len(served) >= 12  # register, login, conversations, messages, receipts x2, presence, calls x5
+    assert set(documented) == set(served), \
+        f"JSON bodies documented but not read: {sorted(set(documented) - set(served))}; " \
+        f"read but not documented: {sorted(set(served) - set(documented))}"
+    for key, schema in served.items():
+        assert as_code(OPENAPI, documented[key]) == schema, \
+            f"{' '.join(key)}: requestBody schema differs from the handler's BODIES"
+
+
+def test_capabilities_are_documented_field_by_field() -> None:
+    """The Capabilities schema describes exactly what `capabilities()` returns, at every level."""
+    schema = OPENAPI["components"]["schemas"]["Capabilities"]
+    for settings in (Settings(), Settings(turn_secret="s", turn_uris=("turn:x",), ws_ping=1, max_body=10)):
+        answer = json.loads(json.dumps(capabilities(settings)))
+        validator({"$ref": "#/components/schemas/Capabilities"}, "urn:kisse:openapi").validate(answer)
+        assert set(answer) == set(schema["properties"]) == set(schema["required"])
+        for group in ("limits", "timers", "features"):
+            documented = schema["properties"][group]
+            assert set(answer[group]) == set(documented["properties"]) == set(documented["required"]), group
+    example = OPENAPI["paths"]["/api/capabilities"]["get"]["responses"]["200"]["content"]["application/json"]["example"]
+    defaults = capabilities(Settings(turn_secret="s", turn_uris=("turn:x",)))
+    assert example == {**defaults, "version": example["version"]}, "the example shows the default settings"
+
+
 # -- AsyncAPI ----------------------------------------------------------------------
 ASYNCAPI_SHAPE = {
     "type": "object",
@@ -336,8 +405,21 @@ def test_every_request_type_is_documented() -> None:
     for kind, (message, *others) in documented.items():
         assert not others, f"{kind}: more than one request message"
         data = message["payload"]["properties"]["data"]
-        assert strip_docs(deref(ASYNCAPI, data)) == protocol.REQUESTS[kind], \
+        assert as_code(ASYNCAPI, data) == protocol.REQUESTS[kind], \
             f"{kind}: data schema differs from kisse/protocol.py REQUESTS"
+
+
+def test_envelope_is_documented_as_the_server_reads_it() -> None:
+    """Each request payload is ENVELOPE with its own `type` and `data`."""
+    for kind, (message, *_) in asyncapi_messages("receive").items():
+        payload = as_code(ASYNCAPI, message["payload"])
+        properties = payload["properties"]
+        assert properties["type"] == {"const": kind}
+        assert properties["id"] == protocol.ENVELOPE["properties"]["id"], f"{kind}: id differs from ENVELOPE"
+        assert set(properties) == set(protocol.ENVELOPE["properties"]), kind
+        assert payload.get("maxProperties") == protocol.ENVELOPE["maxProperties"], kind
+        assert "additionalProperties" not in payload, f"{kind}: unknown envelope fields are ignored, not refused"
+        assert "type" in payload["required"], kind
 
 
 def test_every_server_frame_is_documented() -> None:
@@ -423,6 +505,7 @@ async def test_live_rest_responses_match_openapi(api) -> None:
     c = Checked(api)
     assert (await c.call("GET", "/healthz"))[0] == 200
     assert (await c.call("GET", "/readyz"))[0] == 200
+    assert (await c.call("GET", "/api/capabilities"))[1]["api_version"] >= 1
 
     _, alice = await c.call("POST", "/api/auth/register", body={"username": "spec_alice", "password": "password123",
                                                                 "display_name": "Alice"})
@@ -488,7 +571,9 @@ async def test_live_rest_responses_match_openapi(api) -> None:
 
     assert (await c.call("POST", f"/api/messages/{inline['id']}/delivered", tb))[0] == 200
     assert (await c.call("POST", f"/api/messages/{blob_message['id']}/read", tb, body={}))[0] == 200
-    assert (await c.call("POST", f"/api/messages/{inline['id']}/read", tb, body={"x": 1}))[0] == 400
+    assert (await c.call("POST", f"/api/messages/{inline['id']}/read", tb, body={"x": 1}))[0] == 200  # ignored
+    assert (await c.call("POST", f"/api/messages/{inline['id']}/read", tb, body=[1]))[1]["error"]["details"] == \
+        {"field": "body"}
     assert (await c.call("POST", f"/api/messages/{inline['id']}/read", tc))[0] == 404
     assert (await c.call("GET", f"/api/messages/{inline['id']}/receipts", ta))[0] == 200
 
@@ -505,6 +590,7 @@ async def test_live_rest_responses_match_openapi(api) -> None:
     assert (await c.call("POST", "/api/calls", ta, body={"callee_id": dave["user"]["id"], "media": "audio"}))[0] == 404
     assert (await c.call("GET", "/api/calls/active", tb))[0] == 200
     assert (await c.call("GET", f"/api/calls/{call['id']}", tb))[0] == 200
+    assert (await c.call("GET", "/api/calls/turn", ta))[0] == 200  # a party to a live call
     assert (await c.call("GET", "/api/calls/nope", tb))[0] == 404
     assert (await c.call("POST", f"/api/calls/{call['id']}/accept", ta))[0] == 409  # only the callee
     assert (await c.call("POST", f"/api/calls/{call['id']}/accept", tb))[0] == 200
@@ -516,7 +602,7 @@ async def test_live_rest_responses_match_openapi(api) -> None:
     assert (await c.call("POST", f"/api/calls/{body['call']['id']}/reject", tb))[0] == 200
     assert (await c.call("GET", "/api/calls/history?limit=1", ta))[1]["next_before"] is not None
     assert (await c.call("GET", "/api/calls/history?before=x", ta))[0] == 400
-    assert (await c.call("GET", "/api/calls/turn", ta))[0] == 200
+    assert (await c.call("GET", "/api/calls/turn", ta))[0] == 409  # no live call any more
 
 
 @pytest.mark.gen_test(timeout=30)

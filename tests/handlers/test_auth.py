@@ -18,7 +18,7 @@ async def test_register_login_me(api):
                                   body={"username": "Alice", "password": "correct horse", "display_name": "Al"})
     assert status == 201
     assert body["token_type"] == "Bearer" and body["expires_at"].endswith("Z")
-    assert body["user"]["username"] == "Alice" and body["user"]["display_name"] == "Al"
+    assert body["user"]["username"] == "alice" and body["user"]["display_name"] == "Al"
     assert set(body["user"]) == {"id", "username", "display_name", "created_at"}
     status, login = await api.call("POST", "/api/auth/login", body={"username": "alice", "password": "correct horse"})
     assert status == 200 and login["user"] == body["user"]
@@ -34,9 +34,26 @@ async def test_token_claims_are_complete(api):
 
 
 async def test_username_taken_case_insensitively(api):
-    await api.register("Bob")
+    _, bob = await api.register("Bob")
+    assert bob["username"] == "bob"  # stored in its canonical, lower-case form
     status, body = await api.call("POST", "/api/auth/register", body={"username": "bob", "password": "password123"})
     assert status == 409 and body["error"]["code"] == "username_taken"
+    status, body = await api.call("POST", "/api/auth/login", body={"username": "BOB", "password": "password123"})
+    assert status == 200 and body["user"]["id"] == bob["id"]
+
+
+# Lookalikes that Unicode case folding or a lenient `$` would have let in.
+@pytest.mark.parametrize("lookalike", ["alice\n", "al\u0131ce", "al\u0130ce", "\u017fam", "\u212aim"],
+                         ids=["newline", "dotless-i", "dotted-I", "long-s", "kelvin-sign"])
+async def test_lookalike_usernames_are_refused_and_squat_nobody(api, lookalike):
+    status, body = await api.call("POST", "/api/auth/register", body={"username": lookalike, "password": "password123"})
+    assert status == 400 and body["error"]["code"] == "invalid_username"
+    plain = lookalike.replace("\n", "").replace("\u0131", "i").replace("\u0130", "i").replace(
+        "\u017f", "s").replace("\u212a", "k").lower()
+    status, body = await api.call("POST", "/api/auth/register", body={"username": plain, "password": "password123"})
+    assert status == 201, body  # the real owner of the name still gets it
+    status, _ = await api.call("POST", "/api/auth/login", body={"username": lookalike, "password": "password123"})
+    assert status == 401  # and the lookalike never opens their account
 
 
 @pytest.mark.parametrize("username,password,code", [
@@ -103,6 +120,12 @@ async def test_bad_tokens_are_401(api, storage):
     status, body = await api.call("GET", "/api/auth/me", headers={"Authorization": "Basic abc"})
     assert status == 401
     assert (await api.call("GET", "/api/auth/me", token))[0] == 200
+
+
+async def test_unknown_users_are_verified_against_a_hash_made_at_start_up(app, settings):
+    # Made before any request, so the first unknown-user login costs one bcrypt like the rest.
+    dummy = app.settings["kisse"].dummy_hash
+    assert dummy is not None and dummy.startswith(f"$2b$0{settings.bcrypt_rounds}$")
 
 
 async def test_health_and_ready(api):

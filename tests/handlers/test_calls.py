@@ -153,7 +153,7 @@ async def test_races_have_exactly_one_winner(api, ws_url):
 
 async def _last_state(ws: Ws, call_id: str) -> dict:
     while True:
-        event = await ws.event("call.state", timeout=3)
+        event = await ws.event("call.state")
         if event["data"]["id"] == call_id and event["data"]["status"] != "pending":
             return event["data"]
 
@@ -227,7 +227,11 @@ async def test_restart_sweep_marks_overdue_calls_missed(app, api, storage, setti
 
 
 async def test_turn_credentials(api, settings):
-    token, user = await api.register()
+    (token, user), (callee_token, callee) = await contacts(api)
+    status, body = await api.call("GET", "/api/calls/turn", token)
+    assert status == 409 and body["error"]["code"] == "no_live_call"  # no call, no relay
+    call = await start(api, token, callee)
+    assert (await api.call("GET", "/api/calls/turn", callee_token))[0] == 200  # ringing: both parties
     status, body = await api.call("GET", "/api/calls/turn", token)
     assert status == 200 and body["uris"] == list(settings.turn_uris) and body["ttl"] == settings.turn_ttl
     expiry, user_id = body["username"].split(":")
@@ -235,6 +239,8 @@ async def test_turn_credentials(api, settings):
     expected = base64.b64encode(hmac.new(settings.turn_secret.encode(), body["username"].encode(),
                                          hashlib.sha1).digest()).decode()
     assert body["password"] == expected
+    await act(api, token, call, "cancel")
+    assert (await api.call("GET", "/api/calls/turn", token))[0] == 409
 
 
 @pytest.mark.parametrize("settings", [with_settings(turn_secret="", turn_uris=())], ids=["no-turn"])

@@ -1,8 +1,10 @@
 """Encrypted content: streamed upload, streamed ranged download."""
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
+import json
 import os
 
 import pytest
@@ -105,11 +107,11 @@ async def test_range_requests(api):
         assert response.headers["Content-Range"] == f"bytes {start}-{end - 1}/{len(data)}"
         assert response.headers["Content-Length"] == str(end - start)
         assert response.headers["ETag"] == f'"{hashlib.sha256(data).hexdigest()}"'
-    for header in ("bytes=600000-", "bytes=700000-700010", "bytes=-0", "bytes=5-2"):
+    for header in ("bytes=600000-", "bytes=700000-700010", "bytes=-0", "bytes=" + "9" * 5000 + "-"):
         response = await get(header)
         assert response.code == 416, header
         assert response.headers["Content-Range"] == f"bytes */{len(data)}"
-    for header in ("bytes=0-1,5-6", "items=0-5", "bytes=abc"):
+    for header in ("bytes=0-1,5-6", "items=0-5", "bytes=abc", "bytes=5-2", " bytes=1-2x"):
         response = await get(header)  # unsupported syntax: the whole body, as RFC 9110 allows
         assert response.code == 200 and response.body == data, header
 
@@ -130,3 +132,85 @@ async def test_oversized_upload_is_413_and_leaves_nothing(api, storage, backend)
         assert storage._blobs == {}  # no partial blob kept
     status, _ = await api.call("POST", path, ta, raw=b"fits")
     assert status == 201
+
+
+async def test_head_and_conditional_get(api):
+    ta, tb, message = await setup_message(api)
+    data = os.urandom(70_000)
+    await api.call("POST", f"/api/messages/{message['id']}/content", ta, raw=data)
+    path = f"/api/messages/{message['id']}/content"
+    etag = f'"{hashlib.sha256(data).hexdigest()}"'
+    status, body = await api.call("HEAD", path, tb)
+    assert status == 200 and body == b""
+    response = await api.http.fetch(HTTPRequest(api.base_url + path, method="HEAD",
+                                                headers={"Authorization": f"Bearer {tb}"}))
+    assert response.headers["Content-Length"] == str(len(data)) and response.headers["ETag"] == etag
+    assert response.headers["Accept-Ranges"] == "bytes"
+    for match in (etag, f'"other", {etag}', "*"):
+        for method in ("GET", "HEAD"):
+            status, body = await api.call(method, path, tb, headers={"If-None-Match": match})
+            assert status == 304 and body == b"", (method, match)
+    status, body = await api.call("GET", path, tb, headers={"If-None-Match": '"stale"'})
+    assert status == 200 and body == data
+    assert (await api.call("HEAD", f"/api/messages/{'0' * 24}/content", tb))[0] == 404
+
+
+async def test_empty_uploads_and_empty_blobs(api):
+    ta, tb, message = await setup_message(api)
+    path = f"/api/messages/{message['id']}/content"
+    status, body = await api.call("POST", path, ta, raw=b"")
+    assert status == 400 and body["error"]["code"] == "empty_content"
+    status, body = await stream_upload(api, ta, message["id"], b"")  # chunked, no length: empty too
+    assert status == 400 and body["error"]["code"] == "empty_content"
+    # Nothing was attached: the real upload still goes through.
+    status, _ = await api.call("POST", path, ta, raw=b"the real one")
+    assert status == 201
+    _, reader, empty_inline = await setup_message(api, b"")  # a 0-byte inline ciphertext is legal
+    url = f"{api.base_url}/api/messages/{empty_inline['id']}/content"
+    response = await api.http.fetch(HTTPRequest(url, headers={"Authorization": f"Bearer {reader}", "Range": "bytes=-5"}),
+                                    raise_error=False)
+    # No byte to select: 416 with the size, never "bytes 0--1/0".
+    assert response.code == 416 and response.headers["Content-Range"] == "bytes */0"
+    assert (await api.call("GET", url.removeprefix(api.base_url), reader)) == (200, b"")
+
+
+async def test_a_second_upload_in_progress_is_refused_before_its_body(api, storage, backend, http_port):
+    ta, tb, message = await setup_message(api)
+    size, piece = 8 * MIB, 64 * 1024
+    path = f"/api/messages/{message['id']}/content"
+    head = (f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ta}\r\n"
+            f"Content-Length: {size}\r\n\r\n").encode()
+    # The first upload starts and stays open, its body half sent.
+    reader, writer = await asyncio.open_connection("127.0.0.1", http_port)
+    writer.write(head + b"u" * (size // 2))
+    await writer.drain()
+    # Each later one is answered before it sends its body (Expect: 100-continue, as
+    # HTTP clients do for large uploads)...
+    expect = head.replace(b"\r\n\r\n", b"\r\nExpect: 100-continue\r\n\r\n")
+    for _ in range(5):
+        r, w = await asyncio.open_connection("127.0.0.1", http_port)
+        w.write(expect)
+        response = await asyncio.wait_for(r.read(), 5)  # the server answers and closes
+        status_line, _, rest = response.partition(b"\r\n")
+        assert status_line.startswith(b"HTTP/1.1 409"), response[:200]
+        assert json.loads(rest.partition(b"\r\n\r\n")[2])["error"]["code"] == "upload_in_progress"
+        w.close()
+    # ...and one that sends its body anyway is cut off long before the body is in.
+    r, w = await asyncio.open_connection("127.0.0.1", http_port)
+    w.write(head)
+    sent = 0
+    with pytest.raises(ConnectionError):
+        while sent < size:
+            w.write(b"v" * piece)
+            await asyncio.wait_for(w.drain(), 5)
+            sent += piece
+    assert sent < size // 2, f"the server read {sent} bytes of a refused upload"
+    w.close()
+    writer.write(b"u" * (size // 2))
+    await writer.drain()
+    status_line = (await asyncio.wait_for(reader.readuntil(b"\r\n"), 10)).strip()
+    assert status_line.startswith(b"HTTP/1.1 201"), status_line
+    writer.close()
+    assert (await api.call("GET", path, tb)) == (200, b"u" * size)
+    if backend == "memory":
+        assert len(storage._blobs) == 1

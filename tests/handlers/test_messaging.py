@@ -21,7 +21,8 @@ async def test_user_search_and_lookup(api):
     status, body = await api.call("GET", "/api/users?q=ZA&limit=1", token)
     assert status == 200 and [u["username"] for u in body["users"]] == ["zack"]
     status, body = await api.call("GET", f"/api/users?q=za&limit=1&after={body['next_after']}", token)
-    assert [u["username"] for u in body["users"]] == ["Zara"] and body["next_after"] is None
+    assert [u["username"] for u in body["users"]] == ["zara"] and body["next_after"] is None
+    assert body["users"][0]["display_name"] == "Zara"  # as typed
     user = body["users"][0]
     assert await api.call("GET", f"/api/users/{user['id']}", token) == (200, {"user": user})
     status, body = await api.call("GET", "/api/users/" + "0" * 24, token)

@@ -1,0 +1,42 @@
+"""The schema of every request, written once: REST bodies and WebSocket `data`
+use the same definitions (docs/openapi.yaml and docs/asyncapi.yaml mirror them,
+and tests/test_specs.py checks they agree)."""
+from __future__ import annotations
+
+from kisse.validation import Schema, obj
+
+ID: Schema = {"type": "string", "minLength": 1, "maxLength": 64}
+CLIENT_MESSAGE_ID: Schema = {"type": "string", "minLength": 1, "maxLength": 64}
+SEQ: Schema = {"type": "integer", "minimum": 0, "maximum": 2**63 - 1}
+# Large enough for any group (KISSE_MAX_GROUP_MEMBERS is checked by the service).
+MAX_PARTICIPANTS = 1024
+PRESENCE_STATUSES = ("online", "away", "busy", "offline")
+MEDIA = ("audio", "video")
+
+EMPTY = obj({})
+
+# -- accounts ------------------------------------------------------------------
+LOGIN = obj({"username": {"type": "string", "maxLength": 256},
+             "password": {"type": "string", "maxLength": 1024}},
+            ("username", "password"))
+REGISTER = obj({**LOGIN["properties"], "display_name": {"type": ["string", "null"], "maxLength": 64}},
+               ("username", "password"))
+
+# -- conversations and messages --------------------------------------------------
+CREATE_CONVERSATION = obj({"participant_ids": {"type": "array", "items": ID, "minItems": 1,
+                                               "maxItems": MAX_PARTICIPANTS},
+                           "title": {"type": ["string", "null"], "maxLength": 128}},
+                          ("participant_ids",))
+SEND_MESSAGE = obj({"conversation_id": ID, "client_message_id": CLIENT_MESSAGE_ID,
+                    "ciphertext": {"type": ["string", "null"]}},
+                   ("conversation_id", "client_message_id"))
+MESSAGE_REF = obj({"message_id": ID}, ("message_id",))
+CONVERSATION_REF = obj({"conversation_id": ID}, ("conversation_id",))
+SYNC = obj({"cursors": {"type": "object", "additionalProperties": SEQ, "maxProperties": 10_000}})
+
+# -- presence and calls ----------------------------------------------------------------
+SET_PRESENCE = obj({"status": {"enum": list(PRESENCE_STATUSES)}}, ("status",))
+START_CALL = obj({"callee_id": ID, "media": {"enum": list(MEDIA)}}, ("callee_id", "media"))
+CALL_REF = obj({"call_id": ID}, ("call_id",))
+SIGNAL = obj({"call_id": ID, "payload": {}}, ("call_id", "payload"))
+HANGUP = obj({"call_id": ID, "payload": {}}, ("call_id",))
