@@ -16,7 +16,7 @@ from kisse.errors import KisseError, NotFound, PayloadTooLarge, client_error
 from kisse.hub import Hub
 from kisse.logs import new_request_id
 from kisse.runtime import Runtime
-from kisse.validation import Schema, validate
+from kisse.validation import Schema, parse_json, validate
 from storage.base import Record, Storage
 
 log = logging.getLogger("kisse.http")
@@ -111,7 +111,7 @@ class APIHandler(tornado.web.RequestHandler):
             raise PayloadTooLarge(f"request body is larger than {self.body_limit()} bytes")
         raw = b"".join(self._chunks)
         try:
-            document = orjson.loads(raw) if raw.strip() else None
+            document = parse_json(raw) if raw.strip() else None
         except orjson.JSONDecodeError:
             raise KisseError("request body is not valid JSON", code="malformed_json") from None
         if document is None:

@@ -12,7 +12,7 @@ import orjson
 
 from kisse import schemas
 from kisse.errors import BadRequest, KisseError, excerpt
-from kisse.validation import MAX_PROPERTIES, Schema, obj, validate
+from kisse.validation import MAX_PROPERTIES, Schema, obj, parse_json, validate
 
 # WebSocket close codes (1xxx from RFC 6455, 4xxx ours; listed in asyncapi.yaml).
 CLOSE_GOING_AWAY = 1001          # server shutting down
@@ -69,7 +69,7 @@ def parse(text: str | bytes) -> tuple[str, Any, dict[str, Any]]:
     if isinstance(text, bytes):
         raise FrameError("frames must be JSON text, not binary", "binary_frame")
     try:
-        frame = orjson.loads(text)
+        frame = parse_json(text)
     except orjson.JSONDecodeError:
         raise FrameError("frame is not valid JSON", "malformed_json") from None
     request_id = frame.get("id") if isinstance(frame, dict) else None

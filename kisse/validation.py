@@ -13,10 +13,12 @@ the client wrote `2.0`.
 """
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable
 from typing import Any
 
 import fastjsonschema
+import orjson
 
 from kisse.errors import BadRequest
 
@@ -26,6 +28,23 @@ Normalizer = Callable[[Any], Any]
 MAX_PROPERTIES = 64
 # Compiled once per schema; schemas are module-level constants, so id() is stable.
 _compiled: dict[int, tuple[Callable[[Any], Any], Normalizer]] = {}
+
+
+# Documents at least this large are parsed with the collector paused: a body of
+# 350,000 empty lists made it run a dozen times inside one orjson.loads (43 ms
+# instead of 16 ms, measured), and nothing else runs meanwhile anyway.
+_LARGE = 64 * 1024
+
+
+def parse_json(raw: str | bytes) -> Any:
+    """`orjson.loads`, cheaper for large documents; raises `orjson.JSONDecodeError`."""
+    if len(raw) < _LARGE or not gc.isenabled():
+        return orjson.loads(raw)
+    gc.disable()
+    try:
+        return orjson.loads(raw)
+    finally:
+        gc.enable()
 
 
 def obj(properties: dict[str, Any], required: tuple[str, ...] = ()) -> Schema:

@@ -77,5 +77,12 @@ class RawWs:
             raise ConnectionError(f"closed with {self.close_code}")
         return json.loads(payload)
 
+    async def reply(self, request_id: Any, timeout: float = 20.0) -> dict[str, Any]:
+        """The reply to `request_id`, skipping events on the way."""
+        while True:
+            frame = await asyncio.wait_for(self.json(), timeout)
+            if frame.get("id") == request_id and frame["type"] in ("ack", "pong", "error"):
+                return frame
+
     def close(self) -> None:
         self.writer.close()
