@@ -67,6 +67,7 @@ class Settings:
     typing_timeout: float = 6.0
     call_ring_timeout: float = 45.0
     call_sweep_interval: float = 30.0
+    send_repair_after: float = 5.0
     max_signal: int = 64 * KIB
     turn_secret: str = ""
     turn_uris: tuple[str, ...] = ()
@@ -144,7 +145,7 @@ OPTIONS: tuple[Option, ...] = (
            "Storage URL: memory:// (default) or mongodb://host:port/dbname?replicaSet=..."),
     Option("KISSE_JWT_SECRET", "jwt_secret", _str, "HS256 signing secret (>= 32 bytes, required in production)."),
     Option("KISSE_JWT_TTL", "jwt_ttl", _int, "Access token lifetime in seconds.", 1),
-    Option("KISSE_BCRYPT_ROUNDS", "bcrypt_rounds", _int, "bcrypt cost factor (4-31).", 4),
+    Option("KISSE_BCRYPT_ROUNDS", "bcrypt_rounds", _int, "bcrypt cost factor (4-31; at least 10 in production).", 4),
     Option("KISSE_ENV", "env", _str, "development or production."),
     Option("KISSE_MAX_BODY", "max_body", _int, "Largest JSON request body in bytes.", 1),
     Option("KISSE_MAX_INLINE_CIPHERTEXT", "max_inline_ciphertext", _int,
@@ -166,6 +167,9 @@ OPTIONS: tuple[Option, ...] = (
            0.01),
     Option("KISSE_CALL_SWEEP_INTERVAL", "call_sweep_interval", _float,
            "Seconds between sweeps that mark overdue ringing calls missed.", 0.01),
+    Option("KISSE_SEND_REPAIR_AFTER", "send_repair_after", _float,
+           "Seconds after which a send left half-done (its process died, nobody retried) is finished "
+           "by the server; also how often it looks.", 0.01),
     Option("KISSE_MAX_SIGNAL", "max_signal", _int, "Largest call signalling payload (SDP/ICE) in bytes.", 1),
     Option("KISSE_TURN_SECRET", "turn_secret", _str,
            "coturn static-auth-secret for TURN REST credentials (empty: TURN off)."),

@@ -17,7 +17,7 @@ from handlers.catchup import CatchUp
 from handlers.outbox import Outbox
 from kisse import auth, calls, messaging, presence, protocol
 from kisse.eager import run_eagerly
-from kisse.errors import BadRequest, KisseError, PayloadTooLarge, client_error
+from kisse.errors import BadRequest, KisseError, PayloadTooLarge, Unauthorized, client_error
 from kisse.logs import new_request_id
 from kisse.runtime import Runtime
 from storage.base import new_id
@@ -66,7 +66,10 @@ class GatewaySocket(tornado.websocket.WebSocketHandler):
 
     async def prepare(self) -> None:
         new_request_id(self.request.headers.get("X-Request-ID"))
-        token = self.get_query_argument("token", None) or bearer_token(self.request)
+        try:
+            token = self.get_query_argument("token", None) or bearer_token(self.request)
+        except tornado.web.HTTPError:  # not UTF-8: Tornado's own message would quote the token back
+            raise Unauthorized("invalid token", code="invalid_token") from None
         user, claims = await auth.authenticate(self.rt, token)
         self.current_user = user
         self.user_id = user["id"]

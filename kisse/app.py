@@ -10,7 +10,7 @@ import tornado.web
 from config.settings import Settings
 from handlers import default_handlers
 from handlers.base import NotFoundHandler
-from kisse import auth
+from kisse import auth, messaging
 from kisse.calls import CallTimers
 from kisse.members import Members
 from kisse.metrics import Metrics
@@ -66,11 +66,12 @@ def runtime(app: tornado.web.Application) -> Runtime:
 
 
 async def startup(app: tornado.web.Application) -> None:
-    """Prepare storage (migrations, indexes) and logins, and start the call sweeper."""
+    """Prepare storage (migrations, indexes) and logins; start the call sweep and the send repair."""
     rt = runtime(app)
     await rt.storage.start()
     await auth.prepare(rt)
     rt.calls.start()
+    rt.tasks.every(rt.settings.send_repair_after, lambda: messaging.repair_sends(rt), "send repair")
 
 
 async def shutdown(app: tornado.web.Application, grace: float = 10.0) -> None:

@@ -5,16 +5,19 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from kisse import presence
 from kisse.errors import BadRequest, Conflict, NotFound
 from kisse.runtime import Runtime
 from kisse.views import iso, message_view, page_cursor, user_view
-from storage.base import Record, ReceiptKind
+from storage.base import Record, ReceiptKind, utcnow
 
 HISTORY_DEFAULT, HISTORY_MAX = 50, 200
+# Sends whose storage call failed, remembered so that a retry finding the message
+# stored publishes it (the failed attempt could not); a retry comes within minutes.
+UNCONFIRMED_MEMORY = 10_000
 
 
 # -- users --------------------------------------------------------------------
@@ -137,15 +140,40 @@ async def send_message(rt: Runtime, user_id: str, conversation_id: str, client_m
     members = await conversation_members(rt, user_id, conversation_id)
     content = ({"size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "inline": True}
                if data is not None else None)
-    message, created = await rt.storage.add_message(conversation_id, user_id, client_message_id, data, content)
+    key = (user_id, client_message_id)
+    rt.sending.add(key)
+    try:
+        message, created = await rt.storage.add_message(conversation_id, user_id, client_message_id, data, content)
+    except BaseException:
+        # Maybe stored, maybe not: its retry publishes what this attempt could not.
+        rt.unconfirmed_sends[key] = None
+        if len(rt.unconfirmed_sends) > UNCONFIRMED_MEMORY:
+            del rt.unconfirmed_sends[next(iter(rt.unconfirmed_sends))]
+        raise
+    finally:
+        rt.sending.discard(key)
     if message["conversation_id"] != conversation_id:
         raise Conflict("client_message_id was already used in another conversation",
                        code="client_message_id_reused")
     view = message_view(message)
+    republish = not created and key in rt.unconfirmed_sends
+    rt.unconfirmed_sends.pop(key, None)
     if created:
         rt.metrics.messages.inc()
+    if created or republish:
         rt.hub.publish(members, "message.new", view, exclude_conn=origin_conn)
     return view, created
+
+
+async def repair_sends(rt: Runtime) -> int:
+    """Finish sends abandoned part-way (their process died, nobody retried) and publish them."""
+    older_than = utcnow() - timedelta(seconds=rt.settings.send_repair_after)
+    repaired = await rt.storage.repair_sends(older_than, set(rt.sending))
+    for message in repaired:
+        members = await rt.members.of(message["conversation_id"])
+        rt.metrics.messages.inc()
+        rt.hub.publish(members or (), "message.new", message_view(message))
+    return len(repaired)
 
 
 async def member_message(rt: Runtime, user_id: str, message_id: str) -> tuple[Record, tuple[str, ...]]:

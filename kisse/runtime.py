@@ -39,5 +39,9 @@ class Runtime:
     inflight: int = 0
     # Messages whose content is being uploaded to this process right now.
     uploading: set[str] = field(default_factory=set)
+    # (sender, client_message_id) of sends in flight here, and of those whose storage
+    # call failed (kisse/messaging.py).
+    sending: set[tuple[str, str]] = field(default_factory=set)
+    unconfirmed_sends: dict[tuple[str, str], None] = field(default_factory=dict)
     # bcrypt hash of a random password, verified for unknown users at login.
     dummy_hash: str | None = None

@@ -50,7 +50,8 @@ def message_view(message: Record) -> dict[str, Any]:
             "client_message_id": message["client_message_id"],
             "created_at": iso(message["created_at"]),
             "content": dict(message["content"]) if message["content"] else None,
-            "ciphertext": base64.b64encode(ciphertext).decode() if ciphertext is not None else None}
+            "ciphertext": base64.b64encode(ciphertext).decode() if ciphertext is not None else None,
+            "tombstone": message.get("tombstone")}
 
 
 def call_view(call: Record) -> dict[str, Any]:

@@ -145,9 +145,24 @@ class Storage(ABC):
 
         A message is `{id, conversation_id, sender_id, seq, client_message_id,
         created_at, content: {size, sha256, inline} | None, ciphertext: bytes | None,
-        blob_id: str | None}`. Creating one also updates the conversation's
+        blob_id: str | None, tombstone: None}`. Creating one also updates the conversation's
         `last_seq`, `last_message` and `last_activity_at`.
+
+        `created` is True for exactly one call per message, the one that made it
+        visible (and so should publish it). A retry after a failed attempt
+        finishes that attempt's work: it never makes a second message or a gap.
+        A backend that cannot make this atomic may leave a *tombstone* in a seq
+        it could not use: a message record with `tombstone` set (e.g. "unused"),
+        no sender, no content, which history returns like any other.
         """
+
+    async def repair_sends(self, older_than: datetime,
+                           in_flight: set[tuple[str, str]] = frozenset()) -> list[Record]:  # type: ignore[assignment]
+        """Finish sends left part-way since before `older_than` (their attempts died)
+        but those whose `(sender_id, client_message_id)` is `in_flight` here, and
+        return the messages this made visible (to publish). Default: a backend
+        whose sends are atomic has nothing to repair."""
+        return []
 
     @abstractmethod
     async def get_message(self, message_id: str) -> Record | None: ...

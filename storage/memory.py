@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
 
+from storage import faults
 from storage.base import (
     FINAL_CALL_STATUSES, LIVE_CALL_STATUSES, BlobNotFound, BlobTooLarge, BlobWriter, Record,
     ReceiptKind, Storage, UsernameTaken, new_id, utcnow,
@@ -193,12 +194,13 @@ class MemoryStorage(Storage):
         message = {"id": new_id(), "conversation_id": conversation_id, "sender_id": sender_id,
                    "seq": seq, "client_message_id": client_message_id, "created_at": utcnow(),
                    "content": dict(content) if content else None, "ciphertext": ciphertext,
-                   "blob_id": None}
+                   "blob_id": None, "tombstone": None}
         self._messages[message["id"]] = message
         self._by_conversation[conversation_id].append(message)
         self._by_client_id[(sender_id, client_message_id)] = message["id"]
         conversation.update(last_seq=seq, last_activity_at=message["created_at"],
                             last_message=_metadata(message))
+        faults.point("memory.send.stored")
         return _copy(message), True
 
     async def get_message(self, message_id: str) -> Record | None:

@@ -22,6 +22,7 @@ TEST_SETTINGS = Settings(
     ws_sync_grace=0.5,
     call_ring_timeout=1.0,
     call_sweep_interval=0.2,
+    send_repair_after=0.5,
     turn_secret="turn-shared-secret",
     turn_uris=("turn:turn.example.org:3478?transport=udp",),
 )

@@ -24,7 +24,9 @@ class RawWs:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
         sock.setblocking(False)
         await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
-        reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 20)
+        # A small reader buffer too: asyncio reads ahead up to twice its limit, and a
+        # slow reader must not hide megabytes (and the server's pings) in it.
+        reader, writer = await asyncio.open_connection(sock=sock, limit=receive_buffer or 1 << 20)
         writer.write((f"GET /ws?token={token} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
                       "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
                       "Sec-WebSocket-Version: 13\r\n\r\n").encode())

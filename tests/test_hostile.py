@@ -187,7 +187,8 @@ def test_odd_queries_ranges_and_handshakes_get_a_4xx(server):
             f"Range: bytes={'9' * 5000}-\r\nConnection: close\r\n\r\n").encode()
     assert raw_request(server.process.port, head).startswith(b"HTTP/1.1 416 ")
     head = f"GET /ws?token={token}%ff HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
-    assert re.match(rb"HTTP/1.1 4\d\d ", raw_request(server.process.port, head))
+    response = raw_request(server.process.port, head)
+    assert response.startswith(b"HTTP/1.1 401 ") and token[:20].encode() not in response  # no echo
 
 
 def test_hostile_frames_get_an_error_frame_or_a_documented_close(server):

@@ -6,8 +6,8 @@ the URL path (default `kisse`). Collections:
 
 * `users` - `_id`, username, `username_lower` (unique), display_name, password_hash, created_at
 * `conversations` - the conversation record plus `direct_key` ("<a>:<b>", unique, direct only)
-* `messages` - message records; unique `(conversation_id, seq)` and `(sender_id, client_message_id)`
-* `message_ids` - in-flight send reservations (see `storage.mongo.messages`)
+* `messages` - message records (pending ones have `pending_since` and no `seq`, see
+  `storage.mongo.messages`); unique `(conversation_id, seq)` and `(sender_id, client_message_id)`
 * `receipts` - one cursor document per (conversation, user), `_id` "<conversation>:<user>"
 * `user_presence` - `_id` = user id
 * `calls`, `call_lines` - see `storage.mongo.calls`
@@ -15,7 +15,7 @@ the URL path (default `kisse`). Collections:
 * GridFS bucket `encrypted_content` - blobs (see `storage.mongo.blobs`)
 
 Writes that hand out numbers or decide races (conversations, messages,
-message_ids, calls, call_lines) use majority write concern unless the URL
+calls, call_lines) use majority write concern unless the URL
 sets `w=`, so a failover cannot roll back a seq or a call transition.
 """
 from __future__ import annotations
@@ -48,7 +48,7 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "retryReads": True,
     "appname": "kisse",
 }
-CRITICAL_COLLECTIONS = ("conversations", "messages", "message_ids", "calls", "call_lines")
+CRITICAL_COLLECTIONS = ("conversations", "messages", "calls", "call_lines")
 
 
 def client_options(url: str) -> dict[str, Any]:
@@ -87,7 +87,6 @@ class MongoStorage(MessagesMixin, CallsMixin, Storage):
         self._users = collection("users")
         self._conversations = collection("conversations")
         self._messages = collection("messages")
-        self._message_ids = collection("message_ids")
         self._receipts = collection("receipts")
         self._presence = collection("user_presence")
         self._calls = collection("calls")

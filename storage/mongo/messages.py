@@ -1,45 +1,53 @@
 """Messages: gap-free `seq` per conversation and idempotent sends, without transactions.
 
-`add_message(conversation, sender, client_message_id, ...)`:
+`add_message(conversation, sender, client_message_id, ...)` has three steps,
+each one atomic on one document, and any attempt can finish what another
+(dead) attempt started:
 
-1. If the sender already has a message with that client id, return it (the
-   normal retry path; `messages` has a unique `(sender_id, client_message_id)`).
-2. Otherwise *reserve* the client id: insert `{_id: "<sender>:<client id>",
-   message_id}` into `message_ids`. The `_id` is unique, so exactly one of any
-   number of racing identical sends wins the reservation.
-3. Only the winner allocates a seq: one `find_one_and_update` on the
-   conversation with an aggregation-pipeline update that does `last_seq + 1`
-   and, in the same atomic write, sets `last_activity_at` and `last_message`
-   (metadata: no ciphertext, no blob id) with that seq. The server serializes
-   writes to one document, so seqs are handed out 1, 2, 3, ... with no gap, and
-   `last_message` is always the message with the highest seq, whatever order
-   the inserts finish in.
-4. The winner inserts the message under the reserved id.
+1. **Write the message, unnumbered**: insert it with `pending_since` and no
+   `seq`. `messages` has a unique `(sender_id, client_message_id)`, so of any
+   number of racing identical sends one document exists. A send that finds it
+   carries on with that document (step 2), numbered or not.
+2. **Allocate its number** on the conversation with one `find_one_and_update`
+   (an aggregation-pipeline update): unless the conversation's `pending` list
+   already holds this message id, `last_seq + 1`, append `{id, seq, at}` to
+   `pending`, and set `last_activity_at` and `last_message` (metadata, no
+   bytes) with that seq. The server serializes writes to one document, so seqs
+   are handed out 1, 2, 3, ... and **a message gets one number, ever**: a
+   second attempt for the same message gets the same one back.
+3. **Number the message**: set `seq` and unset `pending_since`, filtered on
+   `pending_since` existing (compare-and-set: exactly one attempt "creates" the
+   message, and only that one publishes it). Then drop the `pending` entry.
 
-Losers never allocate a seq (allocating first and discovering the duplicate
-afterwards would burn a number), so they cannot leave a gap: they poll for the
-message by `(sender_id, client_message_id)` with a short backoff. A reservation
-whose message never appeared within `RESERVATION_STALE` (its process died
-between steps 2 and 4) is taken over by compare-and-set, so a retry after a
-crash is not stuck. The only way to leave a gap is a process dying (or losing
-the database for longer than `RESERVATION_STALE`) between steps 3 and 4; a
-late insert then hits the unique index and the original message is returned.
+Invariant: every seq up to `last_seq` belongs to exactly one message, which
+is either numbered, or pending with that number in `pending`, or a
+*tombstone* (below). Crash windows: a process dying after step 1 leaves a
+pending message without a number, after step 2 one with a number but not
+numbered, after step 3 a `pending` entry to drop. None leaves a hole: a retry
+of the send (same client id) runs the steps again and finishes at once, and
+`repair_sends` finishes pending messages older than a few seconds whose
+sender never came back. Until then the slot is invisible (history and
+catch-up skip unnumbered messages), never lost.
+
+One race burns a number: a twin attempt that allocates after the first one
+has numbered the message and dropped its `pending` entry gets a fresh seq it
+cannot use. It fills that slot with a tombstone (`tombstone: "unused"`, no
+sender, no content), which history and catch-up return, so a client can
+always tell "nothing here" from "lost".
 """
 from __future__ import annotations
 
-import asyncio
-import logging
-from datetime import timedelta
+from datetime import datetime
+from typing import Any
 
 from pymongo import ASCENDING, DESCENDING, ReturnDocument
 from pymongo.errors import DuplicateKeyError
 
+from storage import faults
 from storage.base import Record, new_id, utcnow
 from storage.mongo import records
 
-log = logging.getLogger("kisse.storage.mongo")
-
-RESERVATION_STALE = timedelta(seconds=30)
+NUMBERED = {"seq": {"$exists": True}}
 
 
 class MessagesMixin:
@@ -47,82 +55,97 @@ class MessagesMixin:
 
     async def add_message(self, conversation_id: str, sender_id: str, client_message_id: str,
                           ciphertext: bytes | None, content: Record | None) -> tuple[Record, bool]:
-        key = f"{sender_id}:{client_message_id}"  # ids are hex, so ":" cannot collide
-        delay = 0.002
-        while True:
-            existing = await self._messages.find_one({"sender_id": sender_id,
-                                                      "client_message_id": client_message_id})
-            if existing is not None:
-                return records.message(existing), False
-            message_id = new_id()
-            if await self._reserve(key, message_id):
-                return await self._append(key, message_id, conversation_id, sender_id,
-                                          client_message_id, ciphertext, content)
-            # Someone else is sending this very message: wait for it to land.
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.05)
-
-    async def _reserve(self, key: str, message_id: str) -> bool:
         now = utcnow()
-        try:
-            await self._message_ids.insert_one({"_id": key, "message_id": message_id, "claimed_at": now})
-            return True
-        except DuplicateKeyError:
-            pass
-        held = await self._message_ids.find_one({"_id": key})
-        if held is None or held["claimed_at"] > now - RESERVATION_STALE:
-            return False  # released just now (retry) or in flight (wait)
-        # Stale: its owner died before inserting. Take it over, compare-and-set.
-        taken = await self._message_ids.find_one_and_update(
-            {"_id": key, "message_id": held["message_id"]},
-            {"$set": {"message_id": message_id, "claimed_at": now}})
-        if taken is not None:
-            log.warning("took over a stale send reservation %s", key)
-        return taken is not None
-
-    async def _append(self, key: str, message_id: str, conversation_id: str, sender_id: str,
-                      client_message_id: str, ciphertext: bytes | None,
-                      content: Record | None) -> tuple[Record, bool]:
-        now = utcnow()
-        meta = {"id": message_id, "conversation_id": conversation_id, "sender_id": sender_id,
-                "client_message_id": client_message_id, "created_at": now,
-                "content": dict(content) if content else None}
-        try:
-            conversation = await self._conversations.find_one_and_update(
-                {"_id": conversation_id},
-                # `$literal` so a client id starting with "$" is never read as a field path.
-                [{"$set": {"last_seq": {"$add": ["$last_seq", 1]}, "last_activity_at": {"$literal": now}}},
-                 {"$set": {"last_message": {"$mergeObjects": [{"$literal": meta}, {"seq": "$last_seq"}]}}}],
-                projection={"last_seq": 1}, return_document=ReturnDocument.AFTER)
-        except Exception:
-            await self._release(key, message_id)
-            raise
-        if conversation is None:
-            await self._release(key, message_id)
-            raise KeyError(conversation_id)
-        doc = {"_id": message_id, "conversation_id": conversation_id, "sender_id": sender_id,
-               "seq": conversation["last_seq"], "client_message_id": client_message_id,
-               "created_at": now, "content": meta["content"], "ciphertext": ciphertext, "blob_id": None}
+        doc = {"_id": new_id(), "conversation_id": conversation_id, "sender_id": sender_id,
+               "client_message_id": client_message_id, "created_at": now,
+               "content": dict(content) if content else None, "ciphertext": ciphertext, "blob_id": None,
+               "pending_since": now}
         try:
             await self._messages.insert_one(doc)
-        except DuplicateKeyError:
-            # Only after a reservation takeover raced a very slow original.
-            log.warning("late duplicate send %s left seq %d unused", key, doc["seq"])
-            existing = await self._messages.find_one({"sender_id": sender_id,
-                                                      "client_message_id": client_message_id})
+        except DuplicateKeyError:  # this send was made before (a retry, or a racing twin)
+            existing = await self._messages.find_one({"sender_id": sender_id, "client_message_id": client_message_id})
             if existing is None:
                 raise
-            return records.message(existing), False
-        return records.message(doc), True
+            if "pending_since" not in existing or existing["conversation_id"] != conversation_id:
+                return records.message(existing), False
+            doc = existing
+        faults.point("mongo.send.written")
+        return await self._number(doc)
 
-    async def _release(self, key: str, message_id: str) -> None:
+    async def _number(self, doc: dict[str, Any]) -> tuple[Record, bool]:
+        """Steps 2 and 3 for a pending message: `(message, whether this call numbered it)`."""
+        message_id, conversation_id = doc["_id"], doc["conversation_id"]
+        meta = {"id": message_id, "conversation_id": conversation_id, "sender_id": doc["sender_id"],
+                "client_message_id": doc["client_message_id"], "content": doc["content"]}
+        seq, at, fresh = await self._allocate(conversation_id, message_id, meta)
+        faults.point("mongo.send.allocated")
+        # created_at is the time of the number, so it follows seq and matches last_activity_at.
+        numbered = await self._messages.find_one_and_update(
+            {"_id": message_id, "pending_since": {"$exists": True}},
+            {"$set": {"seq": seq, "created_at": at}, "$unset": {"pending_since": ""}},
+            return_document=ReturnDocument.AFTER)
+        faults.point("mongo.send.numbered")
+        await self._conversations.update_one({"_id": conversation_id}, {"$pull": {"pending": {"id": message_id}}})
+        if numbered is not None:
+            return records.message(numbered), True
+        existing = await self._messages.find_one({"_id": message_id})
+        if existing is None:
+            raise KeyError(message_id)
+        if fresh and existing["seq"] != seq:  # the race above: `seq` is burnt
+            await self._bury(conversation_id, seq, existing)
+        return records.message(existing), False
+
+    async def _bury(self, conversation_id: str, seq: int, message: dict[str, Any]) -> None:
+        """Fill a burnt slot with a tombstone, and point `last_message` back at a real message."""
         try:
-            await self._message_ids.delete_one({"_id": key, "message_id": message_id})
-        except Exception:  # best effort: a stale reservation is taken over later anyway
-            log.warning("could not release send reservation %s", key, exc_info=True)
+            await self._messages.insert_one({"_id": new_id(), "conversation_id": conversation_id, "seq": seq,
+                                             "created_at": utcnow(), "tombstone": "unused", "content": None})
+        except DuplicateKeyError:
+            pass  # buried already
+        await self._conversations.update_one(
+            {"_id": conversation_id, "last_message.seq": seq}, {"$set": {"last_message.seq": message["seq"]}})
+
+    async def _allocate(self, conversation_id: str, message_id: str, meta: Record) -> tuple[int, datetime, bool]:
+        """This message's seq in its conversation, when it was handed out, and whether
+        it is new (else the one the message got before)."""
+        literal_id, now = {"$literal": message_id}, utcnow()
+        known = {"$in": [literal_id, {"$ifNull": ["$pending.id", []]}]}
+        conversation = await self._conversations.find_one_and_update(
+            {"_id": conversation_id},
+            # `$literal` so an id or client id starting with "$" is never read as a field path.
+            [{"$set": {"_known": known}},
+             {"$set": {"last_seq": {"$cond": ["$_known", "$last_seq", {"$add": ["$last_seq", 1]}]}}},
+             {"$set": {
+                 "pending": {"$cond": ["$_known", "$pending", {"$concatArrays": [
+                     {"$ifNull": ["$pending", []]},
+                     [{"id": literal_id, "seq": "$last_seq", "at": {"$literal": now}}]]}]},
+                 "last_activity_at": {"$cond": ["$_known", "$last_activity_at", {"$literal": now}]},
+                 "last_message": {"$cond": ["$_known", "$last_message", {"$mergeObjects": [
+                     {"$literal": meta}, {"seq": "$last_seq", "created_at": {"$literal": now}}]}]}}},
+             {"$unset": "_known"}],
+            projection={"pending": 1, "last_seq": 1}, return_document=ReturnDocument.BEFORE)
+        if conversation is None:
+            raise KeyError(conversation_id)
+        for entry in conversation.get("pending") or ():
+            if entry["id"] == message_id:
+                return entry["seq"], entry["at"], False
+        return conversation["last_seq"] + 1, now, True
+
+    async def repair_sends(self, older_than: datetime,
+                           in_flight: set[tuple[str, str]] = frozenset()) -> list[Record]:  # type: ignore[assignment]
+        """Number the messages left pending since before `older_than` (their sender's
+        attempt died and was not retried); return those this call numbered."""
+        repaired = []
+        async for doc in self._messages.find({"pending_since": {"$lt": older_than}}).sort("pending_since", ASCENDING):
+            if (doc["sender_id"], doc["client_message_id"]) in in_flight:
+                continue  # a slow attempt of this process: it finishes itself
+            message, numbered = await self._number(doc)
+            if numbered:
+                repaired.append(message)
+        return repaired
 
     async def get_message(self, message_id: str) -> Record | None:
-        doc = await self._messages.find_one({"_id": message_id})
+        doc = await self._messages.find_one({"_id": message_id, **NUMBERED})
         return records.message(doc) if doc else None
 
     async def list_messages(self, conversation_id: str, *, before: int | None = None,
@@ -134,9 +157,9 @@ class MessagesMixin:
                                          sort=[("seq", ASCENDING)], limit=limit + 1)
             docs = await cursor.to_list()
             return [records.message(d) for d in docs[:limit]], len(docs) > limit
-        query: dict = {"conversation_id": conversation_id}
+        query: dict = {"conversation_id": conversation_id, "seq": {"$gte": 1}}
         if before is not None:
-            query["seq"] = {"$lt": before}
+            query["seq"]["$lt"] = before
         docs = await self._messages.find(query, sort=[("seq", DESCENDING)], limit=limit + 1).to_list()
         page = [records.message(d) for d in reversed(docs[:limit])]
         return page, len(docs) > limit
@@ -144,10 +167,10 @@ class MessagesMixin:
     async def attach_content(self, message_id: str, blob_id: str, size: int, sha256: str) -> Record:
         content = {"size": size, "sha256": sha256, "inline": False}
         doc = await self._messages.find_one_and_update(
-            {"_id": message_id, "content": None}, {"$set": {"content": content, "blob_id": blob_id}},
+            {"_id": message_id, "content": None, **NUMBERED}, {"$set": {"content": content, "blob_id": blob_id}},
             return_document=ReturnDocument.AFTER)
         if doc is None:
-            doc = await self._messages.find_one({"_id": message_id})
+            doc = await self._messages.find_one({"_id": message_id, **NUMBERED})
             if doc is None:
                 raise KeyError(message_id)
             return records.message(doc)
@@ -160,4 +183,5 @@ class MessagesMixin:
 
     async def count_unread(self, conversation_id: str, user_id: str, after_seq: int) -> int:
         return await self._messages.count_documents(
-            {"conversation_id": conversation_id, "seq": {"$gt": after_seq}, "sender_id": {"$ne": user_id}})
+            {"conversation_id": conversation_id, "seq": {"$gt": after_seq}, "sender_id": {"$ne": user_id},
+             "tombstone": {"$exists": False}})

@@ -23,7 +23,7 @@ from datetime import timedelta
 
 from pymongo import ASCENDING as ASC, DESCENDING as DESC, IndexModel, ReturnDocument
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import DuplicateKeyError
+from pymongo.errors import DuplicateKeyError, OperationFailure
 
 from storage.base import StorageUnavailable, new_id, utcnow
 
@@ -82,11 +82,31 @@ async def _blobs(db: AsyncDatabase) -> None:
         IndexModel([("files_id", ASC), ("n", ASC)], unique=True, name="files_id_1_n_1")])
 
 
+async def _numbered_after_writing(db: AsyncDatabase) -> None:
+    # Messages are written first and numbered after (storage.mongo.messages): a
+    # pending message has no seq and a tombstone no sender, so both unique
+    # indexes only cover the documents that have the fields. Reservations are gone.
+    for name in ("conversation_seq_unique", "sender_client_id_unique"):
+        try:
+            await db.messages.drop_index(name)
+        except OperationFailure:  # dropped already by an earlier, interrupted run
+            pass
+    await db.messages.create_indexes([
+        IndexModel([("conversation_id", ASC), ("seq", ASC)], unique=True, name="conversation_seq_unique",
+                   partialFilterExpression={"seq": {"$exists": True}}),
+        IndexModel([("sender_id", ASC), ("client_message_id", ASC)], unique=True, name="sender_client_id_unique",
+                   partialFilterExpression={"client_message_id": {"$exists": True}}),
+        IndexModel([("pending_since", ASC)], sparse=True, name="pending_since"),
+    ])
+    await db.message_ids.drop()
+
+
 MIGRATIONS: list[tuple[int, str, Migration]] = [
     (1, "users and conversations indexes", _users_and_conversations),
     (2, "messages, client-id reservations and receipts indexes", _messages_and_receipts),
     (3, "calls indexes", _calls),
     (4, "gridfs encrypted_content indexes", _blobs),
+    (5, "messages numbered after they are written", _numbered_after_writing),
 ]
 LATEST_VERSION = MIGRATIONS[-1][0]
 

@@ -123,7 +123,8 @@ async def test_message_record_shape_and_inline_bytes(storage):
     content = {"size": 3, "sha256": hashlib.sha256(b"abc").hexdigest(), "inline": True}
     message, _ = await storage.add_message(conv["id"], a["id"], "x", b"abc", content)
     assert set(message) == {"id", "conversation_id", "sender_id", "seq", "client_message_id",
-                            "created_at", "content", "ciphertext", "blob_id"}
+                            "created_at", "content", "ciphertext", "blob_id", "tombstone"}
+    assert message["tombstone"] is None
     assert message["ciphertext"] == b"abc" and message["content"] == content
     assert await storage.get_message(message["id"]) == message
     assert await storage.get_message("e" * 24) is None

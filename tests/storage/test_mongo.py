@@ -18,6 +18,7 @@ import pytest
 from pymongo import AsyncMongoClient
 
 from kisse.app import make_app, shutdown, startup
+from storage import faults
 from storage.base import StorageUnavailable, new_id, utcnow
 from storage.mongo import MongoStorage, client_options, migrations
 from tests import backends, mongo_server
@@ -171,16 +172,63 @@ async def test_last_message_is_the_highest_seq_under_concurrent_sends(store):
 
 
 @pytest.mark.gen_test
-async def test_a_stale_send_reservation_is_taken_over_without_a_gap(store):
+async def test_a_send_that_died_at_any_step_is_finished_by_its_retry_or_by_repair(store):
     a, b = await make_users(store, "cyd", "dee")
     conv, _ = await store.get_or_create_direct(a["id"], b["id"])
-    # A process died right after reserving this client id.
-    await store._message_ids.insert_one({"_id": f"{a['id']}:lost", "message_id": new_id(),
-                                         "claimed_at": utcnow() - timedelta(minutes=5)})
-    message, created = await store.add_message(conv["id"], a["id"], "lost", None, None)
-    assert created and message["seq"] == 1
-    again, created = await store.add_message(conv["id"], a["id"], "lost", None, None)
-    assert not created and again == message
+    steps = ["mongo.send.written", "mongo.send.allocated", "mongo.send.numbered"]
+    for n, step in enumerate(steps):
+        faults.arm(step, crash)
+        with pytest.raises(Crashed):
+            await store.add_message(conv["id"], a["id"], f"retried-{n}", b"x", None)
+        faults.disarm()
+        message, created = await store.add_message(conv["id"], a["id"], f"retried-{n}", b"x", None)
+        assert message["seq"] == n + 1 and created == (step != "mongo.send.numbered")
+    # Dead attempts nobody retries: repair finishes them, in the order they were written.
+    for n, step in enumerate(steps):
+        faults.arm(step, crash)
+        with pytest.raises(Crashed):
+            await store.add_message(conv["id"], a["id"], f"abandoned-{n}", b"x", None)
+        faults.disarm()
+    visible, _ = await store.list_messages(conv["id"], after=3)
+    # Died after numbering: visible (seq 5); after allocating: seq 4 is taken but not yet visible.
+    assert [(m["seq"], m["client_message_id"]) for m in visible] == [(5, "abandoned-2")]
+    repaired = await store.repair_sends(utcnow() + timedelta(seconds=1))
+    assert [m["client_message_id"] for m in repaired] == ["abandoned-0", "abandoned-1"]  # the third was numbered
+    history, _ = await store.list_messages(conv["id"], after=0)
+    assert [m["seq"] for m in history] == [1, 2, 3, 4, 5, 6]
+    assert sorted(m["client_message_id"] for m in history) == sorted(
+        [f"retried-{n}" for n in range(3)] + [f"abandoned-{n}" for n in range(3)])
+    assert await store.repair_sends(utcnow() + timedelta(seconds=1)) == []
+    assert (await store.get_conversation(conv["id"]))["last_seq"] == 6
+
+
+@pytest.mark.gen_test
+async def test_a_twin_too_late_for_the_number_leaves_a_tombstone_not_a_hole(store):
+    a, b = await make_users(store, "cyd", "dee")
+    conv, _ = await store.get_or_create_direct(a["id"], b["id"])
+    faults.arm("mongo.send.written", crash)
+    with pytest.raises(Crashed):
+        await store.add_message(conv["id"], a["id"], "twin", b"x", None)
+    faults.disarm()
+    snapshot = await store._messages.find_one({"client_message_id": "twin"})  # read while still pending
+    first, created = await store.add_message(conv["id"], a["id"], "twin", b"x", None)
+    assert created and first["seq"] == 1
+    late, created = await store._number(snapshot)  # the twin allocates after the first one finished
+    assert not created and late == first
+    history, _ = await store.list_messages(conv["id"], after=0)
+    assert [(m["seq"], m["tombstone"]) for m in history] == [(1, None), (2, "unused")]
+    conversation = await store.get_conversation(conv["id"])
+    assert conversation["last_seq"] == 2 and conversation["last_message"]["id"] == first["id"]
+    assert conversation["last_message"]["seq"] == 1
+    assert await store.count_unread(conv["id"], b["id"], 0) == 1  # a tombstone is nothing to read
+
+
+class Crashed(Exception):
+    """Stands for the process dying at a step."""
+
+
+def crash() -> None:
+    raise Crashed
 
 
 @pytest.mark.gen_test
