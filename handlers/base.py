@@ -181,6 +181,8 @@ def render_error(handler: tornado.web.RequestHandler, status_code: int, exc_info
     handler.set_status(error.status)
     if error.status == 401:
         handler.set_header("WWW-Authenticate", 'Bearer realm="kisse"')
+    if error.details and "retry_after" in error.details:
+        handler.set_header("Retry-After", str(error.details["retry_after"]))
     handler.set_header("Content-Type", "application/json; charset=UTF-8")
     handler.finish(orjson.dumps({"error": error.to_dict()}))
 

@@ -10,17 +10,23 @@ Task, unchanged. Python 3.12's eager tasks do the same; Kisse runs on 3.11.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections.abc import Coroutine, Generator
 from typing import Any
 
 
 def run_eagerly(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None] | None:
-    """None if `coro` finished without suspending; else the Task running the rest."""
+    """None if `coro` finished without suspending; else the Task running the rest.
+
+    Both parts run in one context of their own, as a Task's would: context
+    variables set before the first suspension (a request id, `pymongo.timeout`)
+    are still there, and still the same, after it."""
+    context = contextvars.copy_context()
     try:
-        waiting_on = coro.send(None)
+        waiting_on = context.run(coro.send, None)
     except StopIteration:
         return None
-    return asyncio.ensure_future(_carry_on(coro, waiting_on))
+    return asyncio.get_running_loop().create_task(_carry_on(coro, waiting_on), context=context)
 
 
 async def _carry_on(coro: Coroutine[Any, Any, None], waiting_on: Any) -> None:

@@ -69,6 +69,11 @@ def excerpt(value: Any, limit: int = 32) -> str:
     return repr(text if len(text) <= limit else text[:limit] + "…")
 
 
+# Storage that is down answers within seconds, with this advice; a send may have
+# been stored before it failed, so it is retried with the same client_message_id.
+RETRY_AFTER = 1
+RETRY_MESSAGE = ("storage is unavailable; retry the same request with backoff "
+                 "(a send with the same client_message_id: it may have been stored)")
 _HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed",
                413: "payload_too_large", 503: "storage_unavailable"}
 
@@ -79,7 +84,7 @@ def client_error(exc: BaseException | None, unavailable: tuple[type[BaseExceptio
     if isinstance(exc, KisseError):
         return exc
     if exc is not None and isinstance(exc, unavailable):
-        return Unavailable("storage is unavailable, retry shortly")
+        return Unavailable(RETRY_MESSAGE, details={"retry_after": RETRY_AFTER})
     if isinstance(exc, tornado.web.HTTPError) and exc.status_code < 500:
         if exc.log_message:
             message = exc.log_message % exc.args if exc.args else exc.log_message

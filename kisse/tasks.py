@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 log = logging.getLogger("kisse.tasks")
+CANCEL_AGAIN_AFTER = 0.5  # seconds
 
 
 class Background:
@@ -32,21 +33,28 @@ class Background:
         """Run `step` now (or after `first_after` s), then every `interval` s until shutdown."""
         async def repeat() -> None:
             await asyncio.sleep(first_after)
-            while True:
+            while not self._closed:
                 try:
                     await step()
                 except Exception:  # e.g. storage down: try again next round
+                    if self._closed:
+                        return  # cancelled, though the cancellation came back as an error
                     log.warning("%s failed", name, exc_info=True)
                 await asyncio.sleep(interval)
         return self.spawn(repeat(), name)
 
     async def close(self) -> None:
-        """Cancel what is still running and wait for it to finish."""
+        """Cancel what is still running and wait for it to finish.
+
+        A cancellation can fail to take effect: a task cancelled inside a PyMongo
+        call was seen still pending long after (and one wait forever hung the
+        test suite now and then), so cancel again until everything is done."""
         self._closed = True
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        pending = set(self._tasks)
+        while pending:
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=CANCEL_AGAIN_AFTER)
 
     @staticmethod
     async def _logged(coro: Coroutine[Any, Any, Any], name: str) -> Any:

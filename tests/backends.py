@@ -22,7 +22,7 @@ from storage.memory import MemoryStorage
 
 REAL_URI_ENV = "KISSE_TEST_MONGODB_URI"
 # Short timeouts: a test against a dead server fails in seconds, not minutes.
-TEST_URI_OPTIONS = {"serverSelectionTimeoutMS": "2000", "connectTimeoutMS": "2000"}
+TEST_URI_OPTIONS = {"serverSelectionTimeoutMS": "2000", "connectTimeoutMS": "2000", "timeoutMS": "10000"}
 
 
 def names() -> list[str]:

@@ -51,7 +51,13 @@ def app(settings, storage, io_loop):
     application = make_app(settings, storage)
     io_loop.run_sync(lambda: startup(application))
     yield application
-    io_loop.run_sync(lambda: shutdown(application, grace=0))
+    try:
+        io_loop.run_sync(lambda: shutdown(application, grace=0), timeout=30)
+    except TimeoutError:
+        import sys
+        for task in asyncio.all_tasks(io_loop.asyncio_loop):
+            task.print_stack(file=sys.stderr)
+        raise
     io_loop.run_sync(lambda: asyncio.sleep(0.01))  # let cancelled heartbeats finish before the loop closes
 
 

@@ -20,11 +20,14 @@ sets `w=`, so a failover cannot roll back a seq or a call transition.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import AsyncIterator
 from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
+import pymongo
 import pymongo.errors as errors
 from gridfs import AsyncGridFSBucket
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, ReturnDocument, WriteConcern
@@ -41,9 +44,12 @@ __all__ = ["MongoStorage"]
 
 # Client options used unless the URL sets them (URL options win).
 DEFAULT_OPTIONS: dict[str, Any] = {
+    # One budget per operation, and (see `bounded`) per Storage call, however many
+    # round trips it makes: a request fails with 503 within seconds, never after
+    # several driver timeouts stacked. `timeoutMS=` in the URL changes it.
+    "timeoutMS": 3000,
     "serverSelectionTimeoutMS": 3000,
     "connectTimeoutMS": 3000,
-    "socketTimeoutMS": 10000,
     "retryWrites": True,
     "retryReads": True,
     "appname": "kisse",
@@ -60,6 +66,25 @@ def client_options(url: str) -> dict[str, Any]:
     return options
 
 
+def bounded(cls: type) -> type:
+    """Run each of the class's `Storage` methods under one `pymongo.timeout`: the
+    whole call, all its round trips together, gets the operation budget."""
+    for name in Storage.__abstractmethods__ | {"repair_sends", "start"}:
+        method = getattr(cls, name)
+        if not inspect.iscoroutinefunction(method) or name == "close":
+            continue
+
+        def wrap(method: Any) -> Any:
+            @functools.wraps(method)
+            async def within_budget(self: "MongoStorage", *args: Any, **kwargs: Any) -> Any:
+                with pymongo.timeout(self.operation_timeout):
+                    return await method(self, *args, **kwargs)
+            return within_budget
+        setattr(cls, name, wrap(method))
+    return cls
+
+
+@bounded
 class MongoStorage(MessagesMixin, CallsMixin, Storage):
     """Kisse's storage on MongoDB (or anything speaking its wire protocol)."""
 
@@ -77,6 +102,7 @@ class MongoStorage(MessagesMixin, CallsMixin, Storage):
     def __init__(self, url: str, **options: Any) -> None:
         self.url = url
         self._client: AsyncMongoClient = AsyncMongoClient(url, **{**client_options(url), **options})
+        self.operation_timeout: float | None = self._client.options.timeout
         self.db = self._client.get_default_database(default="kisse")
         url_sets_w = any(k.lower() == "w" for k, _ in parse_qsl(urlsplit(url).query))
         majority = None if url_sets_w else WriteConcern("majority")

@@ -26,7 +26,7 @@ from tests.conftest import TEST_SETTINGS
 from tests.storage.test_contract import make_users
 
 # Dead-server tests must answer fast: short selection timeouts.
-FAST = "serverSelectionTimeoutMS=500&connectTimeoutMS=500"
+FAST = "serverSelectionTimeoutMS=500&connectTimeoutMS=500&timeoutMS=500"
 
 
 @pytest.fixture(params=["mongo", "mongo-real"])
@@ -140,7 +140,8 @@ async def test_indexes_exist(store):
 def test_client_options_keep_url_options_and_default_the_rest():
     options = client_options("mongodb://h/db?serverSelectionTimeoutMS=700&w=1")
     assert "serverSelectionTimeoutMS" not in options  # the URL's value wins
-    assert options["socketTimeoutMS"] and options["retryWrites"] is True and options["tz_aware"] is True
+    assert options["timeoutMS"] == 3000 and options["retryWrites"] is True and options["tz_aware"] is True
+    assert "timeoutMS" not in client_options("mongodb://h/db?timeoutMS=1500")
 
 
 @pytest.mark.gen_test
@@ -310,7 +311,7 @@ async def test_ping_against_a_dead_server_is_unavailable_quickly():
 def app(own_server, io_loop):
     """The app on a private mongoeco server the test can stop and restart."""
     port = own_server.port
-    store = MongoStorage(own_server.uri("kisse", serverSelectionTimeoutMS="500", connectTimeoutMS="500"))
+    store = MongoStorage(own_server.uri("kisse", serverSelectionTimeoutMS="500", connectTimeoutMS="500", timeoutMS="1000"))
     application = make_app(TEST_SETTINGS, store)
     io_loop.run_sync(lambda: startup(application))
     application.test_server, application.test_port = own_server, port
