@@ -10,13 +10,12 @@ from typing import Any
 
 import tornado.web
 import tornado.websocket
-from tornado.iostream import StreamClosedError
 
 from handlers.base import bearer_token, render_error, secure_headers
 from handlers.catchup import CatchUp
+from handlers.lanes import Lanes, lane_of
 from handlers.outbox import Outbox
 from kisse import auth, calls, messaging, presence, protocol
-from kisse.eager import run_eagerly
 from kisse.errors import BadRequest, KisseError, PayloadTooLarge, Unauthorized, client_error
 from kisse.logs import new_request_id
 from kisse.runtime import Runtime
@@ -30,9 +29,6 @@ PROGRESS_SLACK = 512
 # A heartbeat that wakes this many intervals late means the loop was too busy to
 # read: that interval gives no verdict on the peer.
 LATE_WAKEUP = 1.5
-# Close reasons (our ping timeout and slow-consumer cut) after which
-# the socket is dropped at once.
-DEAD_PEER_REASONS = ("ping timed out", "slow consumer")
 
 Action = Callable[["GatewaySocket", dict[str, Any]], Awaitable[Any]]
 
@@ -99,10 +95,15 @@ class GatewaySocket(tornado.websocket.WebSocketHandler):
 
     def open(self, *args: Any, **kwargs: Any) -> None:
         assert self.ws_connection is not None
+        if self.ws_connection.stream.closed():
+            # The client gave up during a slow handshake: Tornado still opens the
+            # socket, but nobody must count it (metrics, presence) or write to it.
+            self.ws_connection._abort()
+            return
         self._outbox = Outbox(self.ws_connection.stream, self.rt.hub)
         self._closing = False
-        self._inbox: list[str | bytes] = []  # at most protocol.MAX_WAITING_REQUESTS: a list is smallest
-        self._worker: asyncio.Task[None] | None = None
+        self._draining = False
+        self._lanes = Lanes(self._handle, protocol.MAX_WAITING_REQUESTS)
         self._catchup = CatchUp(self.rt.settings.ws_queue_bytes)
         self.set_nodelay(True)
         loop = asyncio.get_running_loop()
@@ -150,21 +151,19 @@ class GatewaySocket(tornado.websocket.WebSocketHandler):
     def on_ping(self, data: bytes) -> None:
         self._answered = True  # any frame from the peer is a sign of life
 
-    def _pause_reading(self) -> asyncio.Task[None]:
-        """Backpressure: Tornado stops reading until the worker has drained the inbox."""
-        worker = self._worker
-        assert worker is not None
+    def _pause_reading(self, room: asyncio.Future[None]) -> asyncio.Future[None]:
+        """Backpressure: Tornado stops reading until a request has finished."""
         self._paused = self._paused_since_ping = True
-        worker.add_done_callback(self._resume_reading)
-        return worker
+        room.add_done_callback(self._resume_reading)
+        return room
 
-    def _resume_reading(self, _: asyncio.Task[None]) -> None:
+    def _resume_reading(self, _: asyncio.Future[None]) -> None:
         self._paused = False
 
     def on_close(self) -> None:
         self._closing = True
-        if hasattr(self, "_inbox"):
-            self._inbox.clear()  # requests not started yet die with the connection
+        if hasattr(self, "_lanes"):
+            self._lanes.close()  # requests not started yet die with the connection
         if hasattr(self, "_expiry"):
             self._expiry.cancel()
             self._heartbeat.cancel()
@@ -174,15 +173,21 @@ class GatewaySocket(tornado.websocket.WebSocketHandler):
     def close(self, code: int | None = None, reason: str | None = None) -> None:
         connection = self.ws_connection
         if hasattr(self, "_outbox"):
-            if reason not in DEAD_PEER_REASONS:
-                self._outbox.flush()  # what was queued goes before the close frame
-            self._outbox.close()
+            if code not in (protocol.CLOSE_PING_TIMEOUT, protocol.CLOSE_SLOW_CONSUMER):
+                self._outbox.flush(whole=True)  # what was queued goes before the close frame
+            self._outbox.close()  # a slow consumer's backlog is dropped, so the close frame reaches it
         self._closing = True
         super().close(code, reason)
-        if connection is not None and reason in DEAD_PEER_REASONS:
-            # A peer that doesn't answer pings or read frames won't answer a close
-            # handshake either: drop the socket now instead of waiting 5 s for it.
+        if connection is None:
+            return
+        if code == protocol.CLOSE_PING_TIMEOUT:
+            # A dead peer won't answer a close handshake: drop the socket now, not in 5 s.
             connection._abort()
+        elif code == protocol.CLOSE_SLOW_CONSUMER:
+            # Nothing more is routed to it; but it reads, slowly: give it time to
+            # reach the close frame before letting go of the socket.
+            self.rt.hub.remove(self)
+            asyncio.get_running_loop().call_later(self.rt.settings.ws_ping, connection._abort)
 
     def _token_expired(self) -> None:
         self.close(protocol.CLOSE_TOKEN_EXPIRED, "token expired")
@@ -211,43 +216,44 @@ class GatewaySocket(tornado.websocket.WebSocketHandler):
         self._send(protocol.encode(kind, data, request_id))
 
     # -- inbound ---------------------------------------------------------------
-    def on_message(self, message: str | bytes) -> asyncio.Task[None] | None:
-        """Handle the frame now, or queue it behind the one being handled: frames
-        are handled one at a time, in order. With protocol.MAX_WAITING_REQUESTS waiting, Tornado
-        stops reading until they are done: a client cannot queue unbounded work."""
+    def on_message(self, message: str | bytes) -> asyncio.Future[None] | None:
+        """Handle the frame in its lane (handlers/lanes.py): in order with the
+        requests it depends on, never behind unrelated ones. With
+        protocol.MAX_WAITING_REQUESTS running or waiting, Tornado stops reading
+        until one is done: a client cannot queue unbounded work."""
         self._answered = True
-        self._inbox.append(message)
-        if self._worker is None:
-            # Handled right here unless it has to wait (kisse/eager.py); the Task
-            # that then carries on also takes the frames arriving meanwhile.
-            self._worker = run_eagerly(self._work())
-        return self._pause_reading() if len(self._inbox) >= protocol.MAX_WAITING_REQUESTS else None
-
-    async def _work(self) -> None:
-        try:
-            while self._inbox and not self._closing:
-                await self._handle(self._inbox.pop(0))
-        finally:
-            self._worker = None
-
-    async def _handle(self, message: str | bytes) -> None:
-        new_request_id()  # one id per frame
-        request_id = None
         try:
             kind, request_id, data = protocol.parse(message)
-            self.rt.metrics.frames.count("in", kind)
+        except protocol.FrameError as error:
+            self.reply("error", error.to_dict(), error.request_id)
+            return None
+        self.rt.metrics.frames.count("in", kind)
+        if self._draining:  # shutting down: taken by no one, so safe to send again elsewhere
+            self.reply("error", {"code": "shutting_down", "message": "server is shutting down: "
+                                 "reconnect and send it again", "details": {"retry_after": 1}}, request_id)
+            return None
+        room = self._lanes.submit(lane_of(kind, data), (kind, request_id, data))
+        return None if room is None else self._pause_reading(room)
+
+    async def _handle(self, request: tuple[str, Any, dict[str, Any]]) -> None:
+        kind, request_id, data = request
+        new_request_id()  # one id per frame
+        try:
             result = await ACTIONS[kind](self, data)
             if kind == "ping":
                 self.reply("pong", result, request_id)
             elif request_id is not None:
                 self.reply("ack", result, request_id)
-        except protocol.FrameError as error:
-            self.reply("error", error.to_dict(), error.request_id)
         except Exception as exc:
             error = client_error(exc, self.rt.storage.unavailable_errors)
             if error.status >= 500 and error.code == "internal_error":
                 log.exception("websocket request failed")
             self.reply("error", error.to_dict(), request_id)
+
+    async def drain(self) -> None:
+        """Take no more requests; return once those taken are answered."""
+        self._draining = True
+        await self._lanes.idle()
 
     async def sync(self, cursors: dict[str, int]) -> dict[str, Any]:
         """Send every message missed since the client's cursors, then go live
@@ -272,10 +278,7 @@ class GatewaySocket(tornado.websocket.WebSocketHandler):
         self.rt.metrics.frames.count("out", "message.new")
         written = self._outbox.write_now(protocol.encode("message.new", message))
         if written is not None:
-            try:
-                await written
-            except StreamClosedError:
-                return False
+            await written
         return not self._closing
 
 

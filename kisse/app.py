@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
 import tornado.web
 
@@ -75,11 +74,18 @@ async def startup(app: tornado.web.Application) -> None:
 
 
 async def shutdown(app: tornado.web.Application, grace: float = 10.0) -> None:
-    """Close WebSockets with 1001, let in-flight requests finish, close storage."""
+    """Finish what was started, then stop: WebSockets take no new request and
+    answer those they took, then close with 1001 (clients move to another
+    node); REST requests in flight finish; only then does storage close. What
+    the grace cuts short answers 503 storage_unavailable, never 500."""
     rt = runtime(app)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace
+    connections = rt.hub.all()
+    if connections:
+        await asyncio.wait([loop.create_task(c.drain()) for c in connections], timeout=grace)
     rt.hub.close_all(CLOSE_GOING_AWAY, "server shutting down")
-    deadline = time.monotonic() + grace
-    while rt.inflight and time.monotonic() < deadline:
+    while rt.inflight and loop.time() < deadline:
         await asyncio.sleep(0.05)
     rt.calls.stop()
     rt.presence.close()

@@ -21,6 +21,9 @@ class Connection(Protocol):
 
     def close(self, code: int | None = None, reason: str | None = None) -> None: ...
 
+    async def drain(self) -> None:
+        """Take no new request; return once those taken are answered."""
+
 
 class Hub:
     """Live connections by user, and fan-out to them."""
@@ -76,6 +79,9 @@ class Hub:
                     connection.push(event_type, data, frame)
                     sent += 1
         return sent
+
+    def all(self) -> list[Connection]:
+        return [connection for devices in self._by_user.values() for connection in devices.values()]
 
     def close_all(self, code: int, reason: str) -> None:
         for devices in list(self._by_user.values()):

@@ -15,9 +15,12 @@ class StallableStorage:
         self.inner = inner
         self._flowing = asyncio.Event()
         self._flowing.set()
+        self._only: set[str] | None = None
         self.waiting = 0  # calls held right now
 
-    def stall(self) -> None:
+    def stall(self, only: set[str] | None = None) -> None:
+        """Hold every call from now on, or only calls to the methods named in `only`."""
+        self._only = only
         self._flowing.clear()
 
     def resume(self) -> None:
@@ -29,7 +32,7 @@ class StallableStorage:
             return attribute
 
         async def held(*args: Any, **kwargs: Any) -> Any:
-            if not self._flowing.is_set():
+            if not self._flowing.is_set() and (self._only is None or name in self._only):
                 self.waiting += 1
                 try:
                     await self._flowing.wait()

@@ -77,8 +77,15 @@ def bounded(cls: type) -> type:
         def wrap(method: Any) -> Any:
             @functools.wraps(method)
             async def within_budget(self: "MongoStorage", *args: Any, **kwargs: Any) -> Any:
-                with pymongo.timeout(self.operation_timeout):
-                    return await method(self, *args, **kwargs)
+                if self.closed:
+                    raise StorageUnavailable("storage is closed: the server is shutting down")
+                try:
+                    with pymongo.timeout(self.operation_timeout):
+                        return await method(self, *args, **kwargs)
+                except errors.InvalidOperation:
+                    if self.closed:  # closed under a request the shutdown's grace cut short
+                        raise StorageUnavailable("storage is closed: the server is shutting down") from None
+                    raise
             return within_budget
         setattr(cls, name, wrap(method))
     return cls
@@ -103,6 +110,7 @@ class MongoStorage(MessagesMixin, CallsMixin, Storage):
         self.url = url
         self._client: AsyncMongoClient = AsyncMongoClient(url, **{**client_options(url), **options})
         self.operation_timeout: float | None = self._client.options.timeout
+        self.closed = False
         self.db = self._client.get_default_database(default="kisse")
         url_sets_w = any(k.lower() == "w" for k, _ in parse_qsl(urlsplit(url).query))
         majority = None if url_sets_w else WriteConcern("majority")
@@ -132,6 +140,7 @@ class MongoStorage(MessagesMixin, CallsMixin, Storage):
             raise StorageUnavailable(f"MongoDB unreachable: {type(exc).__name__}") from exc
 
     async def close(self) -> None:
+        self.closed = True
         await self._client.close()
 
     # -- users ---------------------------------------------------------------

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from tests.client import Ws
+from kisse.app import shutdown
+from tests.client import WAIT, Ws
 from tests.stall import StallableStorage
 
 pytestmark = pytest.mark.gen_test
@@ -43,3 +44,75 @@ async def test_a_storage_stall_longer_than_two_pings_drops_nobody(api, ws_url, s
     await asyncio.sleep(settings.ws_ping * 4)
     assert not wa.closed.done() and not wb.closed.done()
     assert (await wa.request("ping"))["type"] == "pong"
+
+
+async def test_a_send_stuck_on_storage_holds_back_its_conversation_only(api, ws_url, storage):
+    ta, a = await api.register()
+    tb, b = await api.register()
+    tc, c = await api.register()
+    first = await api.conversation(ta, b)
+    other = await api.conversation(ta, c)
+    wa = await Ws.connect(ws_url, ta)
+    await wa.ok("sync")
+    storage.stall(only={"add_message"})
+    wa.conn.write_message(json.dumps({"type": "message.send", "id": "s1", "data": {
+        "conversation_id": first["id"], "client_message_id": "stuck"}}))
+    wa.conn.write_message(json.dumps({"type": "message.send", "id": "s2", "data": {
+        "conversation_id": first["id"], "client_message_id": "behind"}}))
+    # Neither a ping nor a request about another conversation waits for it.
+    assert (await wa.request("ping"))["type"] == "pong"
+    assert (await wa.request("typing.start", {"conversation_id": other["id"]}))["type"] == "ack"
+    assert storage.waiting == 1  # the second send of that conversation waits its turn, unstarted
+    storage.resume()
+    acks = [await wa.event("ack"), await wa.event("ack")]
+    assert [f["id"] for f in acks] == ["s1", "s2"]
+    assert [f["data"]["message"]["seq"] for f in acks] == [1, 2]
+
+
+async def test_a_client_gone_during_a_slow_handshake_leaves_no_ghost(app, api, ws_url, storage, settings):
+    ta, a = await api.register()
+    tb, b = await api.register()
+    await api.conversation(ta, b)
+    wb = await Ws.connect(ws_url, tb)
+    hub = app.settings["kisse"].hub
+    storage.stall(only={"get_user"})
+    port = int(ws_url.split(":")[2].split("/")[0])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write((f"GET /ws?token={ta} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                  "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+    while storage.waiting == 0:  # the handshake is stuck on storage
+        await asyncio.sleep(0.01)
+    writer.close()  # the client gives up
+    await asyncio.sleep(0.1)
+    storage.resume()
+    await asyncio.sleep(settings.presence_grace + 0.5)
+    assert not hub.is_connected(a["id"]) and hub.count() == 1  # wb only
+    _, text = await api.call("GET", "/metrics")
+    assert "kisse_ws_connections 1.0" in text.decode()
+    status, body = await api.call("GET", f"/api/presence/{a['id']}", tb)
+    assert body["presence"]["status"] == "offline"
+    wb.close()
+
+
+async def test_shutdown_answers_the_requests_it_took_then_closes_with_1001(app, api, ws_url, storage):
+    ta, a = await api.register()
+    tb, b = await api.register()
+    conversation = await api.conversation(ta, b)
+    wa = await Ws.connect(ws_url, ta)
+    await wa.ok("sync")
+    storage.stall(only={"add_message"})
+    for n in range(5):
+        wa.conn.write_message(json.dumps({"type": "message.send", "id": f"t{n}", "data": {
+            "conversation_id": conversation["id"], "client_message_id": f"taken-{n}"}}))
+    [connection] = app.settings["kisse"].hub.all()
+    while connection._lanes.active < 5:  # all five taken (one stuck on storage, four behind it)
+        await asyncio.sleep(0.01)
+    stopping = asyncio.ensure_future(shutdown(app, grace=10))
+    await asyncio.sleep(0.1)
+    late = await wa.request("ping")  # arrives while draining: refused, so it can go elsewhere
+    assert late["type"] == "error" and late["data"]["code"] == "shutting_down"
+    storage.resume()
+    acks = [await wa.event("ack") for _ in range(5)]
+    assert [f["data"]["message"]["seq"] for f in acks] == [1, 2, 3, 4, 5]
+    assert await asyncio.wait_for(wa.closed, WAIT) == 1001  # after the answers
+    await stopping

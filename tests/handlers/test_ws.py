@@ -12,6 +12,7 @@ import pytest
 from tornado.httpclient import HTTPClientError, HTTPRequest
 
 from tests.client import WAIT, Ws
+from tests.rawws import RawWs
 from tests.conftest import TEST_SETTINGS, with_settings
 
 pytestmark = pytest.mark.gen_test
@@ -354,3 +355,25 @@ async def test_token_expiry_closes_with_4001(api, ws_url, storage):
                        TEST_SETTINGS.jwt_secret, algorithm="HS256")
     ws = await Ws.connect(ws_url, short)
     assert await asyncio.wait_for(ws.closed, WAIT) == 4001
+
+
+@pytest.mark.parametrize("settings", [with_settings(ws_queue_bytes=256 * 1024, ws_ping=2.0)], ids=["queue=256KiB"])
+async def test_a_slow_consumer_is_told_4008_before_the_socket_goes(api, http_port, app):
+    ta, a = await api.register()
+    tb, b = await api.register()
+    conv = await api.conversation(ta, b)
+    slow = await RawWs.connect(http_port, tb, receive_buffer=32 * 1024)
+    slow.reader._transport.pause_reading()  # stops reading, like a stalled app
+    hub = app.settings["kisse"].hub
+    sent = 0
+    while hub.is_connected(b["id"]) and sent < 2000:
+        await api.send(ta, conv["id"], f"flood{sent}", "A" * 40_000)
+        sent += 1
+    assert not hub.is_connected(b["id"])
+    slow.reader._transport.resume_reading()  # reads again: it finds the close frame after what it missed
+    while True:
+        opcode, _ = await asyncio.wait_for(slow.frame(), WAIT)
+        if opcode == 0x8:
+            break
+    assert slow.close_code == 4008
+    slow.close()
