@@ -52,7 +52,10 @@ class Settings:
     port: int = 8080
     storage: str = "memory://"
     jwt_secret: str = ""
-    jwt_ttl: int = 86400
+    access_ttl: int = 900
+    refresh_ttl: int = 90 * 86400
+    refresh_race_grace: float = 10.0
+    max_devices: int = 10
     bcrypt_rounds: int = 12
     env: str = "development"
     max_body: int = 1 * MIB
@@ -144,7 +147,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("KISSE_STORAGE", "storage", _str,
            "Storage URL: memory:// (default) or mongodb://host:port/dbname?replicaSet=..."),
     Option("KISSE_JWT_SECRET", "jwt_secret", _str, "HS256 signing secret (>= 32 bytes, required in production)."),
-    Option("KISSE_JWT_TTL", "jwt_ttl", _int, "Access token lifetime in seconds.", 1),
+    Option("KISSE_ACCESS_TTL", "access_ttl", _int, "Access token lifetime in seconds.", 1),
+    Option("KISSE_REFRESH_TTL", "refresh_ttl", _int,
+           "Refresh token lifetime in seconds, renewed on every refresh (default 90 days).", 1),
+    Option("KISSE_REFRESH_RACE_GRACE", "refresh_race_grace", _float,
+           "Seconds during which a just-spent refresh token is a race (409), not a theft.", 0),
+    Option("KISSE_MAX_DEVICES", "max_devices", _int, "Most live devices (sessions) an account may have.", 1),
     Option("KISSE_BCRYPT_ROUNDS", "bcrypt_rounds", _int, "bcrypt cost factor (4-31; at least 10 in production).", 4),
     Option("KISSE_ENV", "env", _str, "development or production."),
     Option("KISSE_MAX_BODY", "max_body", _int, "Largest JSON request body in bytes.", 1),

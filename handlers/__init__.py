@@ -3,12 +3,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from handlers import auth, calls, content, conversations, health, messages, metrics, presence, users, ws
+from handlers import auth, calls, content, conversations, devices, health, messages, metrics, presence, users, ws
 
 default_handlers: list[tuple[str, Any]] = [
     *health.routes,
     *metrics.routes,
     *auth.routes,
+    *devices.routes,
     *users.routes,
     *conversations.routes,
     *messages.routes,

@@ -11,13 +11,14 @@ from tornado.httputil import HTTPServerRequest
 from tornado.iostream import StreamClosedError
 
 from config.settings import Settings
-from kisse import auth
+from kisse import sessions
+from kisse.sessions import Identity
 from kisse.errors import KisseError, NotFound, PayloadTooLarge, client_error
 from kisse.hub import Hub
 from kisse.logs import new_request_id
 from kisse.runtime import Runtime
 from kisse.validation import Schema, parse_json, validate
-from storage.base import Record, Storage
+from storage.base import Storage
 
 log = logging.getLogger("kisse.http")
 BODY_SLACK = 1024 * 1024
@@ -35,14 +36,13 @@ class APIHandler(tornado.web.RequestHandler):
     # The JSON body schema of each method that reads one (kisse/schemas.py); docs/openapi.yaml
     # documents the same schema for the route (tests/test_specs.py checks).
     BODIES: dict[str, Schema] = {}
-    current_user: Record | None
+    identity: Identity | None = None
     client_gone = False  # the client closed the connection before the answer
 
     def initialize(self) -> None:
         self._chunks: list[bytes] = []
         self._body_size = 0
         self._body_too_large = False
-        self.claims: dict[str, Any] = {}
 
     # -- typed access to the runtime ---------------------------------------
     @property
@@ -62,9 +62,13 @@ class APIHandler(tornado.web.RequestHandler):
         return self.rt.settings
 
     @property
+    def me(self) -> Identity:
+        assert self.identity is not None, "auth_required handlers only"
+        return self.identity
+
+    @property
     def user_id(self) -> str:
-        assert self.current_user is not None
-        return self.current_user["id"]
+        return self.me.user_id
 
     # -- request lifecycle -------------------------------------------------
     def set_default_headers(self) -> None:
@@ -84,9 +88,8 @@ class APIHandler(tornado.web.RequestHandler):
         declared = self.declared_length()
         if declared is not None and declared > self.body_limit():
             raise PayloadTooLarge(f"request body is larger than {self.body_limit()} bytes")
-        self.current_user = None
         if self.auth_required:
-            self.current_user, self.claims = await auth.authenticate(self.rt, bearer_token(self.request))
+            self.identity = await sessions.authenticate(self.rt, bearer_token(self.request))
 
     def declared_length(self) -> int | None:
         """The request's Content-Length, if it is a plain number (Tornado refuses others)."""
@@ -162,6 +165,12 @@ class APIHandler(tornado.web.RequestHandler):
         self.set_status(status)
         self.set_header("Content-Type", "application/json; charset=UTF-8")
         self.finish(orjson.dumps(data))
+
+    def send_empty(self) -> None:
+        """204 No Content."""
+        self.set_status(204)
+        self.clear_header("Content-Type")
+        self.finish()
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         render_error(self, status_code, kwargs.get("exc_info"), self.storage)

@@ -15,7 +15,7 @@ from handlers.base import bearer_token, render_error, secure_headers
 from handlers.catchup import CatchUp
 from handlers.lanes import Lanes, lane_of
 from handlers.outbox import Outbox
-from kisse import auth, calls, messaging, presence, protocol
+from kisse import calls, messaging, presence, protocol, sessions
 from kisse.errors import BadRequest, KisseError, PayloadTooLarge, Unauthorized, client_error
 from kisse.logs import new_request_id
 from kisse.runtime import Runtime
@@ -52,6 +52,8 @@ class GatewaySocket(tornado.websocket.WebSocketHandler):
 
     conn_id: str
     user_id: str
+    device_id: int
+    session_id: str
     rt: Runtime
 
     def initialize(self) -> None:
@@ -66,11 +68,12 @@ class GatewaySocket(tornado.websocket.WebSocketHandler):
             token = self.get_query_argument("token", None) or bearer_token(self.request)
         except tornado.web.HTTPError:  # not UTF-8: Tornado's own message would quote the token back
             raise Unauthorized("invalid token", code="invalid_token") from None
-        user, claims = await auth.authenticate(self.rt, token)
-        self.current_user = user
-        self.user_id = user["id"]
+        # The socket belongs to the device session, not to the access token it
+        # opened with: it stays open when that token expires, and closes (4003)
+        # when the session is revoked.
+        identity = await sessions.authenticate(self.rt, token)
+        self.user_id, self.device_id, self.session_id = identity.user_id, identity.device_id, identity.session_id
         self.conn_id = new_id()
-        self._expires_at = float(claims["exp"])
 
     def set_default_headers(self) -> None:
         secure_headers(self)
@@ -107,7 +110,6 @@ class GatewaySocket(tornado.websocket.WebSocketHandler):
         self._catchup = CatchUp(self.rt.settings.ws_queue_bytes)
         self.set_nodelay(True)
         loop = asyncio.get_running_loop()
-        self._expiry = loop.call_later(max(self._expires_at - time.time(), 0), self._token_expired)
         self._answered = True
         self._paused = self._paused_since_ping = False
         self._heartbeat = loop.create_task(self._beat())
@@ -164,8 +166,7 @@ class GatewaySocket(tornado.websocket.WebSocketHandler):
         self._closing = True
         if hasattr(self, "_lanes"):
             self._lanes.close()  # requests not started yet die with the connection
-        if hasattr(self, "_expiry"):
-            self._expiry.cancel()
+        if hasattr(self, "_heartbeat"):
             self._heartbeat.cancel()
             self._sync_grace.cancel()
             self.rt.hub.remove(self)
@@ -188,9 +189,6 @@ class GatewaySocket(tornado.websocket.WebSocketHandler):
             # reach the close frame before letting go of the socket.
             self.rt.hub.remove(self)
             asyncio.get_running_loop().call_later(self.rt.settings.ws_ping, connection._abort)
-
-    def _token_expired(self) -> None:
-        self.close(protocol.CLOSE_TOKEN_EXPIRED, "token expired")
 
     # -- outbound ------------------------------------------------------------
     def push(self, event_type: str, data: dict[str, Any], frame: bytes) -> None:

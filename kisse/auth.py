@@ -1,18 +1,16 @@
-"""Accounts and tokens: bcrypt off the event loop, HS256 JWTs with pinned algorithms."""
+"""Accounts: credentials, bcrypt off the event loop, password changes and deletion (tokens: kisse/sessions.py)."""
 from __future__ import annotations
 
 import asyncio
 import re
 import secrets
-from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import bcrypt
-import jwt
 
+from kisse import protocol, sessions
 from kisse.errors import BadRequest, Conflict, Unauthorized
 from kisse.runtime import Runtime
-from kisse.views import iso, user_view
 from storage.base import Record, UsernameTaken
 
 # ASCII only, matched whole: `$` would accept a final newline, and IGNORECASE
@@ -22,7 +20,6 @@ MIN_PASSWORD = 8
 # bcrypt reads at most 72 bytes (bcrypt 5 raises past that). We refuse longer
 # passwords with a clear 400 instead of truncating them silently.
 MAX_PASSWORD_BYTES = 72
-JWT_ALGORITHM = "HS256"
 INVALID_LOGIN = "invalid username or password"
 
 
@@ -64,38 +61,8 @@ def validate_credentials(username: str, password: str) -> str:
     return canonical
 
 
-def issue_token(rt: Runtime, user: Record) -> dict[str, Any]:
-    """The login/register response: a fresh token and the user."""
-    now = datetime.now(timezone.utc).replace(microsecond=0)
-    expires = now + timedelta(seconds=rt.settings.jwt_ttl)
-    claims = {"sub": user["id"], "iat": now, "exp": expires, "jti": secrets.token_hex(16)}
-    token = jwt.encode(claims, rt.settings.jwt_secret, algorithm=JWT_ALGORITHM)
-    return {"token": token, "token_type": "Bearer", "expires_at": iso(expires), "user": user_view(user)}
-
-
-def decode_token(rt: Runtime, token: str) -> dict[str, Any]:
-    """Verified claims, or `Unauthorized` for a forged, expired or incomplete token."""
-    try:
-        return jwt.decode(token, rt.settings.jwt_secret, algorithms=[JWT_ALGORITHM],
-                          options={"require": ["sub", "iat", "exp", "jti"]})
-    except jwt.ExpiredSignatureError:
-        raise Unauthorized("token expired", code="token_expired") from None
-    except jwt.PyJWTError:
-        raise Unauthorized("invalid token", code="invalid_token") from None
-
-
-async def authenticate(rt: Runtime, token: str | None) -> tuple[Record, dict[str, Any]]:
-    """The user a token names and its claims; `Unauthorized` otherwise."""
-    if not token:
-        raise Unauthorized("missing bearer token", code="missing_token")
-    claims = decode_token(rt, token)
-    user = await rt.storage.get_user(str(claims["sub"]))
-    if user is None:
-        raise Unauthorized("invalid token", code="invalid_token")
-    return user, claims
-
-
-async def register(rt: Runtime, username: str, password: str, display_name: str | None) -> dict[str, Any]:
+async def register(rt: Runtime, username: str, password: str, display_name: str | None,
+                   device_name: str | None = None) -> dict[str, Any]:
     canonical = validate_credentials(username, password)
     if await rt.storage.get_credentials(canonical) is not None:
         raise Conflict("username is taken", code="username_taken")
@@ -105,13 +72,12 @@ async def register(rt: Runtime, username: str, password: str, display_name: str 
         user = await rt.storage.create_user(canonical, password_hash, display)
     except UsernameTaken:
         raise Conflict("username is taken", code="username_taken") from None
-    return issue_token(rt, user)
+    return await sessions.open_session(rt, user, device_name)
 
 
-async def login(rt: Runtime, username: str, password: str) -> dict[str, Any]:
-    canonical = canonical_username(username)
-    found = await rt.storage.get_credentials(canonical) if canonical else None
-    # Always run one bcrypt verify, so timing does not reveal whether the user exists.
+async def _check_password(rt: Runtime, found: tuple[Record, str] | None, password: str) -> Record:
+    """The user if `password` is theirs; one bcrypt verification either way, so
+    the time taken does not tell whether the account exists."""
     assert rt.dummy_hash is not None, "auth.prepare() runs at start-up"
     password_hash = found[1] if found else rt.dummy_hash
     # An over-long password can't match (register refuses them); verify a stand-in
@@ -120,5 +86,38 @@ async def login(rt: Runtime, username: str, password: str) -> dict[str, Any]:
     ok = await verify_password("-" if too_long else password, password_hash)
     if found is None or not ok or too_long:
         raise Unauthorized(INVALID_LOGIN, code="invalid_credentials")
-    return issue_token(rt, found[0])
+    return found[0]
 
+
+async def login(rt: Runtime, username: str, password: str, device_name: str | None = None,
+                replace_device_id: int | None = None) -> dict[str, Any]:
+    canonical = canonical_username(username)
+    found = await rt.storage.get_credentials(canonical) if canonical else None
+    user = await _check_password(rt, found, password)
+    return await sessions.open_session(rt, user, device_name, replace_device_id)
+
+
+async def _own_credentials(rt: Runtime, identity: sessions.Identity) -> tuple[Record, str] | None:
+    user = await rt.storage.get_user(identity.user_id)
+    return await rt.storage.get_credentials(user["username"]) if user else None
+
+
+async def change_password(rt: Runtime, identity: sessions.Identity, current: str, new: str) -> dict[str, Any]:
+    """Set a new password: every other device is signed out, this one gets fresh tokens."""
+    found = await _own_credentials(rt, identity)
+    user = await _check_password(rt, found, current)
+    validate_credentials(user["username"], new)
+    await rt.storage.set_password_hash(user["id"], await hash_password(rt, new))
+    await sessions.revoke(rt, user["id"], keep_session=identity.session_id)
+    return await sessions.renew(rt, identity)
+
+
+async def delete_account(rt: Runtime, identity: sessions.Identity, password: str) -> None:
+    """Erase the account (storage.base.Storage.delete_user); its contacts hear of it."""
+    found = await _own_credentials(rt, identity)
+    user = await _check_password(rt, found, password)
+    contacts = await rt.storage.contact_ids(user["id"])
+    sessions_of = {d["session_id"] for d in await rt.storage.list_devices(user["id"])}
+    await rt.storage.delete_user(user["id"])
+    rt.hub.close_sessions(user["id"], sessions_of, protocol.CLOSE_REVOKED, "account deleted")
+    rt.hub.publish(contacts, "user.deleted", {"user_id": user["id"]})

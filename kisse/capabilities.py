@@ -23,6 +23,7 @@ def capabilities(settings: Settings) -> dict[str, Any]:
             "max_ws_frame_bytes": settings.max_ws_frame,
             "max_signal_bytes": settings.max_signal,
             "max_group_members": settings.max_group_members,
+            "max_devices": settings.max_devices,
             "max_id_length": schemas.ID["maxLength"],
             "max_properties": MAX_PROPERTIES,
             "ws_queue_bytes": settings.ws_queue_bytes,
@@ -33,7 +34,8 @@ def capabilities(settings: Settings) -> dict[str, Any]:
             "presence_grace_seconds": settings.presence_grace,
             "typing_timeout_seconds": settings.typing_timeout,
             "call_ring_timeout_seconds": settings.call_ring_timeout,
-            "access_token_ttl_seconds": settings.jwt_ttl,
+            "access_token_ttl_seconds": settings.access_ttl,
+            "refresh_token_ttl_seconds": settings.refresh_ttl,
         },
         "features": {
             "turn": bool(settings.turn_secret),

@@ -15,6 +15,7 @@ from kisse.protocol import encode
 class Connection(Protocol):
     conn_id: str
     user_id: str
+    session_id: str
 
     def push(self, event_type: str, data: dict[str, Any], frame: bytes) -> None:
         """Queue an already-encoded event frame for this client."""
@@ -79,6 +80,12 @@ class Hub:
                     connection.push(event_type, data, frame)
                     sent += 1
         return sent
+
+    def close_sessions(self, user_id: str, session_ids: set[str], code: int, reason: str) -> None:
+        """Close the user's connections that belong to these sessions."""
+        for connection in self.connections(user_id):
+            if connection.session_id in session_ids:
+                connection.close(code, reason)
 
     def all(self) -> list[Connection]:
         return [connection for devices in self._by_user.values() for connection in devices.values()]

@@ -11,7 +11,7 @@ from typing import Any
 from kisse import presence
 from kisse.errors import BadRequest, Conflict, NotFound
 from kisse.runtime import Runtime
-from kisse.views import iso, message_view, page_cursor, user_view
+from kisse.views import iso, message_view, page_cursor, presence_view, user_view
 from storage.base import Record, ReceiptKind, utcnow
 
 HISTORY_DEFAULT, HISTORY_MAX = 50, 200
@@ -92,8 +92,9 @@ async def conversation_views(rt: Runtime, conversations: list[Record], viewer_id
 
 async def _conversation_view(rt: Runtime, conversation: Record, viewer_id: str, users: dict[str, Record],
                              presences: dict[str, Record]) -> dict[str, Any]:
-    participants = [{"id": user["id"], "username": user["username"], "display_name": user["display_name"],
-                     "presence": presence.shown(rt, user["id"], presences.get(user["id"]))}
+    participants = [{**{k: v for k, v in user_view(user).items() if k != "created_at"},
+                     "presence": presence_view(user["id"], "offline", None) if user["deleted"]
+                     else presence.shown(rt, user["id"], presences.get(user["id"]))}
                     for user in (users.get(m) for m in conversation["participant_ids"]) if user is not None]
     receipt = (await rt.storage.get_receipts(conversation["id"])).get(viewer_id)
     read_seq = receipt["read_seq"] if receipt else 0

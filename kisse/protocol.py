@@ -18,7 +18,7 @@ from kisse.validation import MAX_PROPERTIES, Schema, obj, parse_json, validate
 CLOSE_GOING_AWAY = 1001          # server shutting down
 CLOSE_INVALID_TEXT = 1007        # a text frame that is not UTF-8
 CLOSE_TOO_BIG = 1009             # frame over KISSE_MAX_WS_FRAME (Tornado sends it)
-CLOSE_TOKEN_EXPIRED = 4001       # the token used to connect has expired
+CLOSE_REVOKED = 4003             # the device's session was revoked (logout, removed, password change...)
 CLOSE_PING_TIMEOUT = 4002        # the peer answered no ping for two intervals of reading
 CLOSE_SLOW_CONSUMER = 4008       # the client stopped reading; its queue overflowed
 

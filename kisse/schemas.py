@@ -16,11 +16,17 @@ MEDIA = ("audio", "video")
 EMPTY = obj({})
 
 # -- accounts ------------------------------------------------------------------
-LOGIN = obj({"username": {"type": "string", "maxLength": 256},
-             "password": {"type": "string", "maxLength": 1024}},
+PASSWORD: Schema = {"type": "string", "maxLength": 1024}
+DEVICE_NAME: Schema = {"type": ["string", "null"], "maxLength": 64}
+LOGIN = obj({"username": {"type": "string", "maxLength": 256}, "password": PASSWORD, "device_name": DEVICE_NAME,
+             "replace_device_id": {"type": ["integer", "null"], "minimum": 1, "maximum": 127}},
             ("username", "password"))
-REGISTER = obj({**LOGIN["properties"], "display_name": {"type": ["string", "null"], "maxLength": 64}},
+REGISTER = obj({"username": LOGIN["properties"]["username"], "password": PASSWORD, "device_name": DEVICE_NAME,
+                "display_name": {"type": ["string", "null"], "maxLength": 64}},
                ("username", "password"))
+REFRESH = obj({"refresh_token": {"type": "string", "minLength": 1, "maxLength": 256}}, ("refresh_token",))
+CHANGE_PASSWORD = obj({"current_password": PASSWORD, "new_password": PASSWORD}, ("current_password", "new_password"))
+CONFIRM_PASSWORD = obj({"password": PASSWORD}, ("password",))
 
 # -- conversations and messages --------------------------------------------------
 CREATE_CONVERSATION = obj({"participant_ids": {"type": "array", "items": ID, "minItems": 1,

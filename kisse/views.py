@@ -38,8 +38,16 @@ def parse_page_cursor(raw: str | None) -> tuple[datetime, str] | None:
 
 
 def user_view(user: Record) -> dict[str, Any]:
-    return {"id": user["id"], "username": user["username"],
+    view = {"id": user["id"], "username": user["username"],
             "display_name": user["display_name"], "created_at": iso(user["created_at"])}
+    if user.get("deleted"):
+        view["deleted"] = True
+    return view
+
+
+def device_view(device: Record) -> dict[str, Any]:
+    return {"device_id": device["device_id"], "name": device["name"], "created_at": iso(device["created_at"]),
+            "last_seen_at": iso(device["last_seen_at"])}
 
 
 def message_view(message: Record) -> dict[str, Any]:

@@ -19,6 +19,8 @@ ReceiptKind = Literal["delivered", "read"]
 # Call statuses; the first two are "live", the rest are final.
 LIVE_CALL_STATUSES = ("pending", "accepted")
 FINAL_CALL_STATUSES = ("rejected", "busy", "ended", "missed")
+# A Signal-protocol address is (user id, device id), and libsignal takes device ids 1..127.
+MAX_DEVICE_ID = 127
 
 
 class StorageError(Exception):
@@ -27,6 +29,14 @@ class StorageError(Exception):
 
 class UsernameTaken(StorageError):
     """The username exists already (compared case-insensitively)."""
+
+
+class TooManyDevices(StorageError):
+    """The user already has the most live devices allowed; `devices` lists them."""
+
+    def __init__(self, devices: list["Record"]) -> None:
+        super().__init__(f"{len(devices)} live devices")
+        self.devices = devices
 
 
 class BlobTooLarge(StorageError):
@@ -111,6 +121,61 @@ class Storage(ABC):
     async def search_users(self, prefix: str, limit: int, after: str | None = None) -> list[Record]:
         """Users whose lower-cased username starts with `prefix` (lower-case),
         ordered by lower-cased username, strictly after `after` when given."""
+
+    @abstractmethod
+    async def set_password_hash(self, user_id: str, password_hash: str) -> None: ...
+
+    @abstractmethod
+    async def delete_user(self, user_id: str) -> None:
+        """Erase an account: its credentials, devices and sessions, presence, and
+        the ciphertext and blobs of the messages it sent. Those messages keep
+        their metadata and their seq, as tombstones "sender_deleted". The user
+        record stays, `deleted` and renamed, so that the username stays taken;
+        it no longer logs in or shows up in searches."""
+
+    # -- devices and their sessions ------------------------------------------------
+    # A device is one installation of an app: `{user_id, device_id (1..127, the
+    # lowest free one), name, created_at, last_seen_at, session_id}`. Its one
+    # session is the refresh token, stored as a hash: `refresh_hash`,
+    # `refresh_expires_at`, the last spent hashes and when it was last rotated.
+    @abstractmethod
+    async def create_device(self, user_id: str, name: str, refresh_hash: str, refresh_expires_at: datetime,
+                            max_devices: int) -> Record:
+        """A new device, with the lowest device id 1..127 no live device of the user
+        has; raise `TooManyDevices` when `max_devices` are live. Devices whose
+        refresh token has expired are deleted first: they hold no slot."""
+
+    @abstractmethod
+    async def list_devices(self, user_id: str) -> list[Record]:
+        """The user's live devices, by device id."""
+
+    @abstractmethod
+    async def get_session(self, session_id: str) -> Record | None:
+        """The live device whose session this is, or None (revoked, or never was)."""
+
+    @abstractmethod
+    async def touch_device(self, session_id: str, at: datetime) -> None:
+        """Set `last_seen_at`."""
+
+    @abstractmethod
+    async def rotate_refresh(self, refresh_hash: str, new_hash: str, new_expires_at: datetime,
+                             now: datetime) -> tuple[str, Record | None]:
+        """Spend a refresh token for a new one, in one atomic step: of any number of
+        racing calls with one token, exactly one rotates. Returns
+        `("rotated", device)`, or the token's state and its device: `("spent", device)`
+        (rotated away before: `device["rotated_at"]` says when), `("expired", device)`,
+        `("unknown", None)`."""
+
+    @abstractmethod
+    async def renew_session(self, session_id: str, refresh_hash: str, refresh_expires_at: datetime) -> Record | None:
+        """Give a live session a new refresh token (the old one is no longer valid);
+        None if the session is gone."""
+
+    @abstractmethod
+    async def revoke_devices(self, user_id: str, device_id: int | None = None,
+                             keep_session: str | None = None) -> list[Record]:
+        """Delete one device of the user (`device_id`), or all of them but the one
+        with session `keep_session`; return those deleted."""
 
     # -- conversations -------------------------------------------------------
     @abstractmethod

@@ -15,8 +15,8 @@ from typing import Any
 
 from storage import faults
 from storage.base import (
-    FINAL_CALL_STATUSES, LIVE_CALL_STATUSES, BlobNotFound, BlobTooLarge, BlobWriter, Record,
-    ReceiptKind, Storage, UsernameTaken, new_id, utcnow,
+    FINAL_CALL_STATUSES, LIVE_CALL_STATUSES, MAX_DEVICE_ID, BlobNotFound, BlobTooLarge, BlobWriter, Record,
+    ReceiptKind, Storage, TooManyDevices, UsernameTaken, new_id, utcnow,
 )
 
 # Blobs are kept as a list of chunks of this size, like GridFS, so a range
@@ -37,7 +37,16 @@ def _copy(record: Record) -> Record:
 
 
 def _public_user(user: Record) -> Record:
-    return {k: user[k] for k in ("id", "username", "display_name", "created_at")}
+    return {k: user[k] for k in ("id", "username", "display_name", "created_at", "deleted")}
+
+
+DEVICE_FIELDS = ("user_id", "device_id", "name", "created_at", "last_seen_at", "session_id", "rotated_at")
+SPENT_KEPT = 20  # spent refresh hashes remembered per device, to tell a reuse from garbage
+DELETED_NAME = "Deleted account"
+
+
+def _public_device(device: Record) -> Record:
+    return {k: device[k] for k in DEVICE_FIELDS}
 
 
 class MemoryBlobWriter(BlobWriter):
@@ -92,6 +101,9 @@ class MemoryStorage(Storage):
         self._blobs: dict[str, tuple[list[bytes], int]] = {}
         self._presence: dict[str, Record] = {}
         self._calls: dict[str, Record] = {}
+        self._devices: dict[str, dict[int, Record]] = {}  # user id -> device id -> device (with its session)
+        self._sessions: dict[str, Record] = {}           # session id -> device
+        self._by_refresh: dict[str, Record] = {}         # live refresh hash -> device
         self.stats: dict[str, int] = {"blob_writes": 0, "largest_blob_write": 0}
 
     # -- lifecycle -----------------------------------------------------------
@@ -107,7 +119,7 @@ class MemoryStorage(Storage):
         if key in self._user_by_name:
             raise UsernameTaken(username)
         user = {"id": new_id(), "username": username, "display_name": display_name,
-                "created_at": utcnow(), "password_hash": password_hash}
+                "created_at": utcnow(), "password_hash": password_hash, "deleted": False}
         self._users[user["id"]] = user
         self._user_by_name[key] = user["id"]
         bisect.insort(self._sorted_names, key)
@@ -122,10 +134,97 @@ class MemoryStorage(Storage):
 
     async def get_credentials(self, username: str) -> tuple[Record, str] | None:
         user_id = self._user_by_name.get(username.lower())
-        if user_id is None:
+        if user_id is None or self._users[user_id]["deleted"]:
             return None
         user = self._users[user_id]
         return _public_user(user), user["password_hash"]
+
+    async def set_password_hash(self, user_id: str, password_hash: str) -> None:
+        self._users[user_id]["password_hash"] = password_hash
+
+    async def delete_user(self, user_id: str) -> None:
+        user = self._users.get(user_id)
+        if user is None or user["deleted"]:
+            return
+        user.update(deleted=True, password_hash=None, display_name=DELETED_NAME)
+        self._sorted_names.remove(user["username"].lower())  # out of searches; the name stays taken
+        await self.revoke_devices(user_id)
+        self._presence.pop(user_id, None)
+        for message in self._messages.values():
+            if message["sender_id"] == user_id and message["tombstone"] is None:
+                if message["blob_id"]:
+                    self._blobs.pop(message["blob_id"], None)
+                message.update(ciphertext=None, content=None, blob_id=None, tombstone="sender_deleted")
+        for conversation in self._conversations.values():
+            last = conversation["last_message"]
+            if last and last["sender_id"] == user_id:
+                conversation["last_message"] = _metadata(self._by_conversation[conversation["id"]][last["seq"] - 1])
+
+    # -- devices and their sessions ------------------------------------------------
+    async def create_device(self, user_id: str, name: str, refresh_hash: str, refresh_expires_at: datetime,
+                            max_devices: int) -> Record:
+        live = self._devices.setdefault(user_id, {})
+        now = utcnow()
+        for dead in [d for d in live.values() if d["refresh_expires_at"] <= now]:
+            await self.revoke_devices(user_id, device_id=dead["device_id"])  # no slot for a session long gone
+        if len(live) >= max_devices:
+            raise TooManyDevices([_public_device(d) for d in sorted(live.values(), key=lambda d: d["device_id"])])
+        device_id = next(n for n in range(1, MAX_DEVICE_ID + 1) if n not in live)
+        device = {"user_id": user_id, "device_id": device_id, "name": name, "created_at": now,
+                  "last_seen_at": now, "session_id": new_id(), "rotated_at": None,
+                  "refresh_hash": refresh_hash, "refresh_expires_at": refresh_expires_at, "spent": []}
+        live[device_id] = device
+        self._sessions[device["session_id"]] = device
+        self._by_refresh[refresh_hash] = device
+        return _public_device(device)
+
+    async def list_devices(self, user_id: str) -> list[Record]:
+        return [_public_device(d) for _, d in sorted(self._devices.get(user_id, {}).items())]
+
+    async def get_session(self, session_id: str) -> Record | None:
+        device = self._sessions.get(session_id)
+        return _public_device(device) if device else None
+
+    async def touch_device(self, session_id: str, at: datetime) -> None:
+        device = self._sessions.get(session_id)
+        if device is not None:
+            device["last_seen_at"] = at
+
+    async def rotate_refresh(self, refresh_hash: str, new_hash: str, new_expires_at: datetime,
+                             now: datetime) -> tuple[str, Record | None]:
+        device = self._by_refresh.get(refresh_hash)
+        if device is not None:
+            if device["refresh_expires_at"] <= now:
+                return "expired", _public_device(device)
+            del self._by_refresh[refresh_hash]
+            device["spent"] = [*device["spent"], refresh_hash][-SPENT_KEPT:]
+            device.update(refresh_hash=new_hash, refresh_expires_at=new_expires_at, rotated_at=now)
+            self._by_refresh[new_hash] = device
+            return "rotated", _public_device(device)
+        for device in self._sessions.values():
+            if refresh_hash in device["spent"]:
+                return "spent", _public_device(device)
+        return "unknown", None
+
+    async def renew_session(self, session_id: str, refresh_hash: str, refresh_expires_at: datetime) -> Record | None:
+        device = self._sessions.get(session_id)
+        if device is None:
+            return None
+        self._by_refresh.pop(device["refresh_hash"], None)
+        device.update(refresh_hash=refresh_hash, refresh_expires_at=refresh_expires_at)
+        self._by_refresh[refresh_hash] = device
+        return _public_device(device)
+
+    async def revoke_devices(self, user_id: str, device_id: int | None = None,
+                             keep_session: str | None = None) -> list[Record]:
+        live = self._devices.get(user_id, {})
+        gone = [d for d in list(live.values())
+                if (device_id is None or d["device_id"] == device_id) and d["session_id"] != keep_session]
+        for device in gone:
+            del live[device["device_id"]]
+            del self._sessions[device["session_id"]]
+            self._by_refresh.pop(device["refresh_hash"], None)
+        return [_public_device(d) for d in gone]
 
     async def search_users(self, prefix: str, limit: int, after: str | None = None) -> list[Record]:
         start = bisect.bisect_left(self._sorted_names, prefix)

@@ -35,7 +35,8 @@ class Api:
         if raw is None and method in ("POST", "PUT", "PATCH"):
             raw = b""
         response = await self.http.fetch(HTTPRequest(self.base_url + path, method=method, body=raw,
-                                                     headers=all_headers, request_timeout=60),
+                                                     headers=all_headers, request_timeout=60,
+                                                     allow_nonstandard_methods=True),  # DELETE with a body
                                           raise_error=False)
         content_type = response.headers.get("Content-Type", "")
         if content_type.startswith("application/json") and response.body:  # HEAD has none
@@ -44,10 +45,19 @@ class Api:
 
     async def register(self, name: str | None = None, password: str = "password123") -> tuple[str, dict]:
         """A new user: `(token, user)`."""
-        name = name or f"user{next(_names)}"
-        status, body = await self.call("POST", "/api/auth/register", body={"username": name, "password": password})
-        assert status == 201, body
+        body = await self.register_full(name, password)
         return body["token"], body["user"]
+
+    async def register_full(self, name: str | None = None, password: str = "password123", **extra: Any) -> dict:
+        """A new user: the whole answer (tokens, device, user)."""
+        name = name or f"user{next(_names)}"
+        status, body = await self.call("POST", "/api/auth/register", body={"username": name, "password": password,
+                                                                           **extra})
+        assert status == 201, body
+        return body
+
+    async def login(self, name: str, password: str = "password123", **extra: Any) -> tuple[int, Any]:
+        return await self.call("POST", "/api/auth/login", body={"username": name, "password": password, **extra})
 
     async def conversation(self, token: str, *others: dict, title: str | None = None) -> dict:
         status, body = await self.call("POST", "/api/conversations", token,
@@ -128,3 +138,15 @@ class Ws:
     def close(self) -> None:
         self.conn.close()
         self._reader.cancel()
+
+
+async def pair(api: Api, ws_url: str) -> tuple[tuple[str, dict, Ws], tuple[str, dict, Ws], dict]:
+    """Two users sharing a conversation, each with one synced connection:
+    `((token_a, user_a, ws_a), (token_b, user_b, ws_b), conversation)`."""
+    ta, a = await api.register()
+    tb, b = await api.register()
+    conversation = await api.conversation(ta, b)
+    wa, wb = await Ws.connect(ws_url, ta), await Ws.connect(ws_url, tb)
+    await wa.ok("sync")
+    await wb.ok("sync")
+    return (ta, a, wa), (tb, b, wb), conversation

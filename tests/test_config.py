@@ -31,7 +31,8 @@ def test_defaults():
     ({"KISSE_PORT": "eighty"}, "KISSE_PORT"),
     ({"KISSE_PORT": "70000"}, "KISSE_PORT"),
     ({"KISSE_STORAGE": "redis://x"}, "KISSE_STORAGE"),
-    ({"KISSE_JWT_TTL": "-5"}, "KISSE_JWT_TTL"),
+    ({"KISSE_ACCESS_TTL": "-5"}, "KISSE_ACCESS_TTL"),
+    ({"KISSE_MAX_DEVICES": "0"}, "KISSE_MAX_DEVICES"),
     ({"KISSE_BCRYPT_ROUNDS": "40"}, "KISSE_BCRYPT_ROUNDS"),
     ({"KISSE_ENV": "staging"}, "KISSE_ENV"),
     ({"KISSE_ENV": "production"}, "KISSE_JWT_SECRET"),
@@ -63,7 +64,7 @@ def run_kisse(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("env,variable", [
     ({"KISSE_PORT": "abc"}, "KISSE_PORT"),
     ({"KISSE_STORAGE": "ftp://nowhere"}, "KISSE_STORAGE"),
-    ({"KISSE_JWT_TTL": "-1"}, "KISSE_JWT_TTL"),
+    ({"KISSE_ACCESS_TTL": "-1"}, "KISSE_ACCESS_TTL"),
 ])
 def test_cli_refuses_bad_settings_in_one_line(env, variable):
     result = run_kisse(env)

@@ -40,6 +40,7 @@ from handlers import default_handlers
 from kisse import protocol
 from kisse.capabilities import capabilities
 from tests import node_tools
+from tests.conftest import with_settings
 
 
 class StrictLoader(yaml.SafeLoader):
@@ -88,7 +89,8 @@ NOT_IN_OPENAPI = {"/ws"}
 # Frames the server sends: replies, then pushed events.
 SERVER_FRAMES = ("ack", "error", "pong", "message.new", "message.receipt", "conversation.new",
                  "typing.start", "typing.stop", "presence", "call.incoming", "call.state",
-                 "call.answered_elsewhere", "call.offer", "call.answer", "call.ice", "call.hangup")
+                 "call.answered_elsewhere", "call.offer", "call.answer", "call.ice", "call.hangup",
+                 "user.deleted")
 
 
 # -- helpers -----------------------------------------------------------------
@@ -499,6 +501,9 @@ def _check_frame(frame: dict, direction: str = "send") -> None:
     assert any(not e for e in errors), f"{frame} does not match asyncapi.yaml: {errors}"
 
 
+# A small device cap and race grace, so that 409 too_many_devices and both answers
+# to a spent refresh token (409 refresh_race, then 401 refresh_token_reused) show up.
+@pytest.mark.parametrize("settings", [with_settings(max_devices=3, refresh_race_grace=0.5)], ids=["sessions"])
 @pytest.mark.gen_test(timeout=30)
 async def test_live_rest_responses_match_openapi(api) -> None:
     from tests.client import Api  # noqa: F401  (the fixture's type)
@@ -604,6 +609,60 @@ async def test_live_rest_responses_match_openapi(api) -> None:
     assert (await c.call("GET", "/api/calls/history?before=x", ta))[0] == 400
     assert (await c.call("GET", "/api/calls/turn", ta))[0] == 409  # no live call any more
 
+    # -- devices and sessions -------------------------------------------------------
+    erin_login = {"username": "spec_erin", "password": "password123"}
+    _, erin = await c.call("POST", "/api/auth/register", body={**erin_login, "device_name": "Erin's phone"})
+    te = erin["token"]
+    assert erin["device"] == {**erin["device"], "device_id": 1, "name": "Erin's phone"}
+    for _ in range(2):
+        assert (await c.call("POST", "/api/auth/login", body=erin_login))[0] == 200
+    status, body = await c.call("POST", "/api/auth/login", body={**erin_login, "device_name": "one too many"})
+    assert status == 409 and [d["device_id"] for d in body["error"]["details"]["devices"]] == [1, 2, 3]
+    assert [d["current"] for d in (await c.call("GET", "/api/devices", te))[1]["devices"]] == [True, False, False]
+    assert (await c.call("GET", "/api/devices"))[0] == 401
+    assert (await c.call("DELETE", "/api/devices/3", te))[0] == 204
+    assert (await c.call("DELETE", "/api/devices/3", te))[0] == 404
+    assert (await c.call("DELETE", "/api/devices/abc", te))[0] == 404
+
+    status, renewed = await c.call("POST", "/api/auth/refresh", body={"refresh_token": erin["refresh_token"]})
+    assert status == 200 and renewed["device"]["device_id"] == 1
+    status, body = await c.call("POST", "/api/auth/refresh", body={"refresh_token": erin["refresh_token"]})
+    assert status == 409 and body["error"]["code"] == "refresh_race"
+    assert (await c.call("POST", "/api/auth/refresh", body={"refresh_token": "garbage"}))[0] == 401
+    assert (await c.call("POST", "/api/auth/refresh", body={}))[0] == 400
+    await asyncio.sleep(0.6)  # past the race grace: the spent token again is a copy
+    status, body = await c.call("POST", "/api/auth/refresh", body={"refresh_token": erin["refresh_token"]})
+    assert status == 401 and body["error"]["code"] == "refresh_token_reused"
+    status, body = await c.call("GET", "/api/auth/me", renewed["token"])
+    assert status == 401 and body["error"]["code"] == "session_revoked"
+
+    _, erin = await c.call("POST", "/api/auth/login", body=erin_login)
+    te = erin["token"]
+    password = {"current_password": "password123", "new_password": "password456"}
+    assert (await c.call("POST", "/api/auth/password", te, body={**password, "current_password": "wrong-one"}))[0] == 401
+    assert (await c.call("POST", "/api/auth/password", te, body={**password, "new_password": "short"}))[0] == 400
+    status, erin = await c.call("POST", "/api/auth/password", te, body=password)
+    assert status == 200 and [d["device_id"] for d in (await c.call("GET", "/api/devices", te))[1]["devices"]] == [1]
+    _, other = await c.call("POST", "/api/auth/login", body={**erin_login, "password": "password456"})
+    assert (await c.call("POST", "/api/auth/logout", other["token"]))[0] == 204
+    assert (await c.call("POST", "/api/auth/logout", other["token"]))[0] == 401
+
+    _, body = await c.call("POST", "/api/conversations", ta, body={"participant_ids": [erin["user"]["id"]]})
+    with_erin = body["conversation"]["id"]
+    assert (await c.call("POST", "/api/messages", te, body={"conversation_id": with_erin, "client_message_id": "e1",
+                                                            "ciphertext": "AAEC"}))[0] == 201
+    assert (await c.call("DELETE", "/api/auth/me", te, body={"password": "password123"}))[0] == 401
+    assert (await c.call("DELETE", "/api/auth/me", te, body={}))[0] == 400
+    assert (await c.call("DELETE", "/api/auth/me", te, body={"password": "password456"}))[0] == 204
+    assert (await c.call("GET", "/api/auth/me", te))[0] == 401
+    _, body = await c.call("GET", f"/api/conversations/{with_erin}", ta)
+    assert [p.get("deleted") for p in body["conversation"]["participants"] if p["id"] == erin["user"]["id"]] == [True]
+    _, body = await c.call("GET", f"/api/conversations/{with_erin}/messages", ta)
+    assert [m["tombstone"] for m in body["messages"]] == ["sender_deleted"]
+    assert (await c.call("GET", f"/api/users/{erin['user']['id']}", ta))[1]["user"]["deleted"] is True
+    assert (await c.call("GET", "/api/users?q=spec_erin", ta))[1]["users"] == []
+    assert (await c.call("POST", "/api/auth/register", body=erin_login))[0] == 409  # the name stays reserved
+
 
 @pytest.mark.gen_test(timeout=30)
 async def test_live_ws_frames_match_asyncapi(api, ws_url) -> None:
@@ -667,6 +726,10 @@ async def test_live_ws_frames_match_asyncapi(api, ws_url) -> None:
                 assert (await req(a, kind, {"call_id": call["id"]}))["type"] == "error"
         finally:
             b2.close()
+        gone_token, gone = await api.register()
+        await api.conversation(gone_token, alice)
+        assert (await api.call("DELETE", "/api/auth/me", gone_token, {"password": "password123"}))[0] == 204
+        await event(a, "user.deleted")
     finally:
         a.close()
         b.close()

@@ -11,6 +11,7 @@ the URL path (default `kisse`). Collections:
 * `receipts` - one cursor document per (conversation, user), `_id` "<conversation>:<user>"
 * `user_presence` - `_id` = user id
 * `calls`, `call_lines` - see `storage.mongo.calls`
+* `devices` - devices and their sessions (refresh token hashes), see `storage.mongo.devices`
 * `meta` - schema version and migration lock (see `storage.mongo.migrations`)
 * GridFS bucket `encrypted_content` - blobs (see `storage.mongo.blobs`)
 
@@ -38,6 +39,7 @@ from storage.base import (
 )
 from storage.mongo import blobs, migrations, records
 from storage.mongo.calls import CallsMixin
+from storage.mongo.devices import DevicesMixin
 from storage.mongo.messages import MessagesMixin
 
 __all__ = ["MongoStorage"]
@@ -54,7 +56,7 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "retryReads": True,
     "appname": "kisse",
 }
-CRITICAL_COLLECTIONS = ("conversations", "messages", "calls", "call_lines")
+CRITICAL_COLLECTIONS = ("conversations", "messages", "calls", "call_lines", "devices")
 
 
 def client_options(url: str) -> dict[str, Any]:
@@ -92,7 +94,7 @@ def bounded(cls: type) -> type:
 
 
 @bounded
-class MongoStorage(MessagesMixin, CallsMixin, Storage):
+class MongoStorage(MessagesMixin, CallsMixin, DevicesMixin, Storage):
     """Kisse's storage on MongoDB (or anything speaking its wire protocol)."""
 
     unavailable_errors = (
@@ -124,6 +126,7 @@ class MongoStorage(MessagesMixin, CallsMixin, Storage):
         self._receipts = collection("receipts")
         self._presence = collection("user_presence")
         self._calls = collection("calls")
+        self._devices = collection("devices")
         self._lines = collection("call_lines")
         self._bucket = AsyncGridFSBucket(self.db, bucket_name=blobs.BUCKET_NAME)
         self.stats: dict[str, int] = {"blob_writes": 0, "largest_blob_write": 0}
@@ -146,7 +149,8 @@ class MongoStorage(MessagesMixin, CallsMixin, Storage):
     # -- users ---------------------------------------------------------------
     async def create_user(self, username: str, password_hash: str, display_name: str) -> Record:
         doc = {"_id": new_id(), "username": username, "username_lower": username.lower(),
-               "display_name": display_name, "created_at": utcnow(), "password_hash": password_hash}
+               "display_name": display_name, "created_at": utcnow(), "password_hash": password_hash,
+               "deleted": False}
         try:
             await self._users.insert_one(doc)
         except DuplicateKeyError:
@@ -164,7 +168,7 @@ class MongoStorage(MessagesMixin, CallsMixin, Storage):
         return [records.user(d) for d in await self._users.find({"_id": {"$in": wanted}}).to_list()]
 
     async def get_credentials(self, username: str) -> tuple[Record, str] | None:
-        doc = await self._users.find_one({"username_lower": username.lower()})
+        doc = await self._users.find_one({"username_lower": username.lower(), "deleted": {"$ne": True}})
         return (records.user(doc), doc["password_hash"]) if doc else None
 
     async def search_users(self, prefix: str, limit: int, after: str | None = None) -> list[Record]:
@@ -176,8 +180,8 @@ class MongoStorage(MessagesMixin, CallsMixin, Storage):
             bounds["$lt"] = prefix[:-1] + chr(ord(prefix[-1]) + 1)
         if after is not None:
             bounds["$gt"] = after
-        cursor = self._users.find({"username_lower": bounds}, sort=[("username_lower", ASCENDING)],
-                                  limit=limit)
+        cursor = self._users.find({"username_lower": bounds, "deleted": {"$ne": True}},
+                                  sort=[("username_lower", ASCENDING)], limit=limit)
         return [records.user(d) for d in await cursor.to_list() if d["username_lower"].startswith(prefix)]
 
     # -- conversations -------------------------------------------------------

@@ -31,9 +31,11 @@ catch-up skip unnumbered messages), never lost.
 
 One race burns a number: a twin attempt that allocates after the first one
 has numbered the message and dropped its `pending` entry gets a fresh seq it
-cannot use. It fills that slot with a tombstone (`tombstone: "unused"`, no
-sender, no content), which history and catch-up return, so a client can
-always tell "nothing here" from "lost".
+cannot use. If that seq is still the conversation's last, it gives it back
+(compare-and-set on `last_seq`); if someone else has been numbered since, it
+fills the slot with a tombstone (`tombstone: "unused"`, no sender, no
+content), which history and catch-up return, so a client can always tell
+"nothing here" from "lost".
 """
 from __future__ import annotations
 
@@ -96,7 +98,14 @@ class MessagesMixin:
         return records.message(existing), False
 
     async def _bury(self, conversation_id: str, seq: int, message: dict[str, Any]) -> None:
-        """Fill a burnt slot with a tombstone, and point `last_message` back at a real message."""
+        """Give a burnt seq back if it is still the last one handed out (the usual case:
+        identical sends racing, nobody else sending); else fill it with a tombstone.
+        Either way `last_message` points back at the real message."""
+        given_back = await self._conversations.find_one_and_update(
+            {"_id": conversation_id, "last_seq": seq},
+            {"$set": {"last_seq": seq - 1, "last_message.seq": message["seq"]}})
+        if given_back is not None:
+            return
         try:
             await self._messages.insert_one({"_id": new_id(), "conversation_id": conversation_id, "seq": seq,
                                              "created_at": utcnow(), "tombstone": "unused", "content": None})

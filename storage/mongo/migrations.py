@@ -101,12 +101,22 @@ async def _numbered_after_writing(db: AsyncDatabase) -> None:
     await db.message_ids.drop()
 
 
+async def _devices(db: AsyncDatabase) -> None:
+    await db.devices.create_indexes([
+        IndexModel([("user_id", ASC), ("device_id", ASC)], unique=True, name="user_device_unique"),
+        IndexModel([("refresh_hash", ASC)], unique=True, name="refresh_hash_unique"),
+        IndexModel([("spent", ASC)], name="spent"),
+        IndexModel([("purge_at", ASC)], expireAfterSeconds=0, name="purge_at_ttl"),
+    ])
+
+
 MIGRATIONS: list[tuple[int, str, Migration]] = [
     (1, "users and conversations indexes", _users_and_conversations),
     (2, "messages, client-id reservations and receipts indexes", _messages_and_receipts),
     (3, "calls indexes", _calls),
     (4, "gridfs encrypted_content indexes", _blobs),
     (5, "messages numbered after they are written", _numbered_after_writing),
+    (6, "devices and their sessions", _devices),
 ]
 LATEST_VERSION = MIGRATIONS[-1][0]
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from storage.base import Record
 
-USER_FIELDS = ("id", "username", "display_name", "created_at")
+USER_FIELDS = ("id", "username", "display_name", "created_at", "deleted")
 CONVERSATION_FIELDS = ("id", "kind", "participant_ids", "title", "created_by", "created_at",
                        "last_activity_at", "last_seq", "last_message")
 MESSAGE_FIELDS = ("id", "conversation_id", "sender_id", "seq", "client_message_id", "created_at",
@@ -32,7 +32,9 @@ def record(doc: dict[str, Any], fields: tuple[str, ...]) -> Record:
 
 
 def user(doc: dict[str, Any]) -> Record:
-    return record(doc, USER_FIELDS)
+    out = record(doc, USER_FIELDS)
+    out["deleted"] = bool(out["deleted"])  # accounts from before deletion existed have no field
+    return out
 
 
 def conversation(doc: dict[str, Any]) -> Record:

@@ -29,8 +29,8 @@ async def test_register_login_me(api):
 async def test_token_claims_are_complete(api):
     token, user = await api.register()
     claims = jwt.decode(token, TEST_SETTINGS.jwt_secret, algorithms=["HS256"])
-    assert claims["sub"] == user["id"] and {"iat", "exp", "jti"} <= set(claims)
-    assert claims["exp"] - claims["iat"] == TEST_SETTINGS.jwt_ttl
+    assert claims["sub"] == user["id"] and {"did", "sid", "iat", "exp", "jti"} <= set(claims)
+    assert claims["did"] == 1 and claims["exp"] - claims["iat"] == TEST_SETTINGS.access_ttl
 
 
 async def test_username_taken_case_insensitively(api):
@@ -100,21 +100,25 @@ def unsigned(claims: dict) -> str:
 
 async def test_bad_tokens_are_401(api, storage):
     token, user = await api.register()
+    claims = jwt.decode(token, TEST_SETTINGS.jwt_secret, algorithms=["HS256"])
     now = int(time.time())
-    good = {"sub": user["id"], "iat": now, "exp": now + 60, "jti": "x"}
+    good = {"sub": user["id"], "did": claims["did"], "sid": claims["sid"], "iat": now, "exp": now + 60, "jti": "x"}
+    assert (await api.call("GET", "/api/auth/me", forge(good)))[0] == 200  # the forgery kit works
     bad_tokens = {
-        "forged": forge(good, secret="another-secret-another-secret-123"),
-        "alg_none": unsigned(good),
-        "hs512": forge(good, algorithm="HS512"),
-        "expired": forge({**good, "iat": now - 120, "exp": now - 60}),
-        "no_sub": forge({k: v for k, v in good.items() if k != "sub"}),
-        "unknown_user": forge({**good, "sub": "f" * 24}),
-        "garbage": "not.a.token",
+        "forged": (forge(good, secret="another-secret-another-secret-123"), "invalid_token"),
+        "alg_none": (unsigned(good), "invalid_token"),
+        "hs512": (forge(good, algorithm="HS512"), "invalid_token"),
+        "expired": (forge({**good, "iat": now - 120, "exp": now - 60}), "token_expired"),
+        "no_sub": (forge({k: v for k, v in good.items() if k != "sub"}), "invalid_token"),
+        "no_session": (forge({k: v for k, v in good.items() if k != "sid"}), "invalid_token"),
+        "unknown_user": (forge({**good, "sub": "f" * 24}), "session_revoked"),
+        "other_device": (forge({**good, "did": 2}), "session_revoked"),
+        "unknown_session": (forge({**good, "sid": "e" * 24}), "session_revoked"),
+        "garbage": ("not.a.token", "invalid_token"),
     }
-    for name, bad in bad_tokens.items():
+    for name, (bad, code) in bad_tokens.items():
         status, body = await api.call("GET", "/api/auth/me", bad)
-        assert status == 401, name
-        assert body["error"]["code"] in ("invalid_token", "token_expired"), name
+        assert status == 401 and body["error"]["code"] == code, name
     status, body = await api.call("GET", "/api/auth/me")
     assert status == 401 and body["error"]["code"] == "missing_token"
     status, body = await api.call("GET", "/api/auth/me", headers={"Authorization": "Basic abc"})

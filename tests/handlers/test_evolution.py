@@ -7,7 +7,7 @@ import json
 import pytest
 
 from kisse.validation import MAX_PROPERTIES
-from tests.client import Ws
+from tests.client import Ws, pair
 from tests.conftest import with_settings
 
 pytestmark = pytest.mark.gen_test
@@ -39,12 +39,7 @@ async def test_rest_ignores_unknown_fields_and_keeps_checking_known_ones(api):
 
 
 async def test_websocket_ignores_unknown_data_and_envelope_fields(api, ws_url):
-    ta, a = await api.register()
-    tb, b = await api.register()
-    conversation = await api.conversation(ta, b)
-    wa, wb = await Ws.connect(ws_url, ta), await Ws.connect(ws_url, tb)
-    await wa.ok("sync")
-    await wb.ok("sync")
+    (ta, a, wa), (tb, b, wb), conversation = await pair(api, ws_url)
     wa.conn.write_message(json.dumps({"type": "message.send", "id": "n1", "trace": "abc", "data": {
         "conversation_id": conversation["id"], "client_message_id": "w1", "ephemeral_hint": True}}))
     ack = await wa.event("ack")
@@ -76,7 +71,8 @@ async def test_capabilities_tell_a_client_the_limits_and_timers(api, settings):
     assert timers == {"ws_ping_seconds": settings.ws_ping, "presence_grace_seconds": settings.presence_grace,
                       "typing_timeout_seconds": settings.typing_timeout,
                       "call_ring_timeout_seconds": settings.call_ring_timeout,
-                      "access_token_ttl_seconds": settings.jwt_ttl}
+                      "access_token_ttl_seconds": settings.access_ttl,
+                      "refresh_token_ttl_seconds": settings.refresh_ttl}
     assert body["features"]["turn"] is True
 
 

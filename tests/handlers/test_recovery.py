@@ -7,7 +7,7 @@ import pytest
 
 from storage import faults
 from storage.base import StorageUnavailable
-from tests.client import Ws
+from tests.client import Ws, pair
 
 pytestmark = pytest.mark.gen_test
 
@@ -26,12 +26,7 @@ def no_faults_left():
 
 
 async def test_a_retried_send_after_a_failure_at_any_step_lands_once(api, ws_url, backend):
-    ta, a = await api.register()
-    tb, b = await api.register()
-    conversation = await api.conversation(ta, b)
-    wa, wb = await Ws.connect(ws_url, ta), await Ws.connect(ws_url, tb)
-    await wa.ok("sync")
-    await wb.ok("sync")
+    (ta, a, wa), (tb, b, wb), conversation = await pair(api, ws_url)
     for n, step in enumerate(STEPS.get(backend, STEPS["mongo"])):
         faults.arm(step, lose_the_reply)
         reply = await wa.request("message.send", {"conversation_id": conversation["id"], "client_message_id": step})

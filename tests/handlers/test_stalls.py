@@ -7,7 +7,7 @@ import json
 import pytest
 
 from kisse.app import shutdown
-from tests.client import WAIT, Ws
+from tests.client import WAIT, Ws, pair
 from tests.stall import StallableStorage
 
 pytestmark = pytest.mark.gen_test
@@ -20,12 +20,7 @@ def storage(storage):
 
 
 async def test_a_storage_stall_longer_than_two_pings_drops_nobody(api, ws_url, storage, settings):
-    ta, a = await api.register()
-    tb, b = await api.register()
-    conv = await api.conversation(ta, b)
-    wa, wb = await Ws.connect(ws_url, ta), await Ws.connect(ws_url, tb)
-    await wa.ok("sync")
-    await wb.ok("sync")
+    (ta, a, wa), (tb, b, wb), conv = await pair(api, ws_url)
     storage.stall()
     count = 40  # more than the 16 a connection may have waiting: the server stops reading
     for n in range(count):
@@ -75,7 +70,7 @@ async def test_a_client_gone_during_a_slow_handshake_leaves_no_ghost(app, api, w
     await api.conversation(ta, b)
     wb = await Ws.connect(ws_url, tb)
     hub = app.settings["kisse"].hub
-    storage.stall(only={"get_user"})
+    storage.stall(only={"get_session"})
     port = int(ws_url.split(":")[2].split("/")[0])
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write((f"GET /ws?token={ta} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"

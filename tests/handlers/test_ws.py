@@ -11,22 +11,11 @@ import jwt
 import pytest
 from tornado.httpclient import HTTPClientError, HTTPRequest
 
-from tests.client import WAIT, Ws
+from tests.client import WAIT, Ws, pair
 from tests.rawws import RawWs
 from tests.conftest import TEST_SETTINGS, with_settings
 
 pytestmark = pytest.mark.gen_test
-
-
-async def pair(api, ws_url):
-    """Two users sharing a conversation, each with one synced connection."""
-    ta, a = await api.register()
-    tb, b = await api.register()
-    conv = await api.conversation(ta, b)
-    wa, wb = await Ws.connect(ws_url, ta), await Ws.connect(ws_url, tb)
-    await wa.ok("sync")
-    await wb.ok("sync")
-    return (ta, a, wa), (tb, b, wb), conv
 
 
 async def test_handshake_refusals_are_401_without_upgrade(api, ws_url):
@@ -346,15 +335,6 @@ async def test_non_reading_client_is_disconnected(api, ws_url, http_port, app):
         assert sent < 500
     finally:
         sock.close()
-
-
-async def test_token_expiry_closes_with_4001(api, ws_url, storage):
-    token, user = await api.register()
-    now = int(time.time())
-    short = jwt.encode({"sub": user["id"], "iat": now, "exp": now + 1, "jti": "s"},
-                       TEST_SETTINGS.jwt_secret, algorithm="HS256")
-    ws = await Ws.connect(ws_url, short)
-    assert await asyncio.wait_for(ws.closed, WAIT) == 4001
 
 
 @pytest.mark.parametrize("settings", [with_settings(ws_queue_bytes=256 * 1024, ws_ping=2.0)], ids=["queue=256KiB"])

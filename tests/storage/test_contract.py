@@ -26,7 +26,7 @@ async def test_ping_answers(storage):
 
 async def test_user_round_trip_hides_hash(storage):
     (alice,) = await make_users(storage, "alice")
-    assert set(alice) == {"id", "username", "display_name", "created_at"}
+    assert set(alice) == {"id", "username", "display_name", "created_at", "deleted"} and not alice["deleted"]
     assert await storage.get_user(alice["id"]) == alice
     assert await storage.get_user("0" * 24) is None
     user, password_hash = await storage.get_credentials("ALICE")

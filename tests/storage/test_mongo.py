@@ -204,7 +204,7 @@ async def test_a_send_that_died_at_any_step_is_finished_by_its_retry_or_by_repai
 
 
 @pytest.mark.gen_test
-async def test_a_twin_too_late_for_the_number_leaves_a_tombstone_not_a_hole(store):
+async def test_a_twin_too_late_for_the_number_gives_it_back_or_leaves_a_tombstone(store):
     a, b = await make_users(store, "cyd", "dee")
     conv, _ = await store.get_or_create_direct(a["id"], b["id"])
     faults.arm("mongo.send.written", crash)
@@ -214,13 +214,23 @@ async def test_a_twin_too_late_for_the_number_leaves_a_tombstone_not_a_hole(stor
     snapshot = await store._messages.find_one({"client_message_id": "twin"})  # read while still pending
     first, created = await store.add_message(conv["id"], a["id"], "twin", b"x", None)
     assert created and first["seq"] == 1
-    late, created = await store._number(snapshot)  # the twin allocates after the first one finished
+    # The twin allocates after the first one finished: nobody else has sent, so it gives the seq back.
+    late, created = await store._number(snapshot)
     assert not created and late == first
     history, _ = await store.list_messages(conv["id"], after=0)
-    assert [(m["seq"], m["tombstone"]) for m in history] == [(1, None), (2, "unused")]
+    assert [(m["seq"], m["tombstone"]) for m in history] == [(1, None)]
     conversation = await store.get_conversation(conv["id"])
-    assert conversation["last_seq"] == 2 and conversation["last_message"]["id"] == first["id"]
-    assert conversation["last_message"]["seq"] == 1
+    assert conversation["last_seq"] == 1 and conversation["last_message"]["seq"] == 1
+    # Same, but another message is numbered before the twin can give its seq back: a tombstone.
+    seq, _, fresh = await store._allocate(conv["id"], first["id"], {"id": first["id"]})
+    assert seq == 2 and fresh
+    other, _ = await store.add_message(conv["id"], b["id"], "other", b"y", None)
+    assert other["seq"] == 3
+    await store._bury(conv["id"], seq, await store._messages.find_one({"_id": first["id"]}))
+    history, _ = await store.list_messages(conv["id"], after=0)
+    assert [(m["seq"], m["tombstone"]) for m in history] == [(1, None), (2, "unused"), (3, None)]
+    conversation = await store.get_conversation(conv["id"])
+    assert conversation["last_seq"] == 3 and conversation["last_message"]["id"] == other["id"]
     assert await store.count_unread(conv["id"], b["id"], 0) == 1  # a tombstone is nothing to read
 
 
