@@ -35,7 +35,11 @@ cannot use. If that seq is still the conversation's last, it gives it back
 (compare-and-set on `last_seq`); if someone else has been numbered since, it
 fills the slot with a tombstone (`tombstone: "unused"`, no sender, no
 content), which history and catch-up return, so a client can always tell
-"nothing here" from "lost".
+"nothing here" from "lost". The twin may also be nobody: an allocation that
+reached the server after its client timed out (a storage stall longer than
+timeoutMS) leaves an entry no attempt will release; `repair_sends` releases
+`pending` entries of numbered messages once they are a few seconds old, the
+same way.
 """
 from __future__ import annotations
 
@@ -87,32 +91,45 @@ class MessagesMixin:
             {"$set": {"seq": seq, "created_at": at}, "$unset": {"pending_since": ""}},
             return_document=ReturnDocument.AFTER)
         faults.point("mongo.send.numbered")
-        await self._conversations.update_one({"_id": conversation_id}, {"$pull": {"pending": {"id": message_id}}})
         if numbered is not None:
+            await self._conversations.update_one({"_id": conversation_id},
+                                                 {"$pull": {"pending": {"id": message_id}}})
             return records.message(numbered), True
         existing = await self._messages.find_one({"_id": message_id})
         if existing is None:
             raise KeyError(message_id)
-        if fresh and existing["seq"] != seq:  # the race above: `seq` is burnt
-            await self._bury(conversation_id, seq, existing)
+        await self._release(conversation_id, message_id, seq, existing.get("seq"))
         return records.message(existing), False
 
-    async def _bury(self, conversation_id: str, seq: int, message: dict[str, Any]) -> None:
+    async def _release(self, conversation_id: str, message_id: str, seq: int, real_seq: int | None) -> None:
+        """Drop the `pending` entry `(message_id, seq)` of a message numbered already
+        (`real_seq`; None if it is gone), and bury `seq` if it was not the message's.
+        The entry is pulled compare-and-set: of a twin and `repair_sends` that both
+        find it, only the one that removed it buries, so a seq is buried once."""
+        pulled = await self._conversations.update_one(
+            {"_id": conversation_id, "pending": {"$elemMatch": {"id": message_id, "seq": seq}}},
+            {"$pull": {"pending": {"id": message_id, "seq": seq}}})
+        if pulled.modified_count and seq != real_seq:
+            await self._bury(conversation_id, seq, real_seq)
+
+    async def _bury(self, conversation_id: str, seq: int, real_seq: int | None) -> None:
         """Give a burnt seq back if it is still the last one handed out (the usual case:
         identical sends racing, nobody else sending); else fill it with a tombstone.
-        Either way `last_message` points back at the real message."""
-        given_back = await self._conversations.find_one_and_update(
-            {"_id": conversation_id, "last_seq": seq},
-            {"$set": {"last_seq": seq - 1, "last_message.seq": message["seq"]}})
-        if given_back is not None:
-            return
+        Either way `last_message` points back at the real message (numbered `real_seq`)."""
+        if real_seq is not None:
+            given_back = await self._conversations.find_one_and_update(
+                {"_id": conversation_id, "last_seq": seq},
+                {"$set": {"last_seq": seq - 1, "last_message.seq": real_seq}})
+            if given_back is not None:
+                return
         try:
             await self._messages.insert_one({"_id": new_id(), "conversation_id": conversation_id, "seq": seq,
                                              "created_at": utcnow(), "tombstone": "unused", "content": None})
         except DuplicateKeyError:
             pass  # buried already
-        await self._conversations.update_one(
-            {"_id": conversation_id, "last_message.seq": seq}, {"$set": {"last_message.seq": message["seq"]}})
+        if real_seq is not None:
+            await self._conversations.update_one(
+                {"_id": conversation_id, "last_message.seq": seq}, {"$set": {"last_message.seq": real_seq}})
 
     async def _allocate(self, conversation_id: str, message_id: str, meta: Record) -> tuple[int, datetime, bool]:
         """This message's seq in its conversation, when it was handed out, and whether
@@ -143,7 +160,8 @@ class MessagesMixin:
     async def repair_sends(self, older_than: datetime,
                            in_flight: set[tuple[str, str]] = frozenset()) -> list[Record]:  # type: ignore[assignment]
         """Number the messages left pending since before `older_than` (their sender's
-        attempt died and was not retried); return those this call numbered."""
+        attempt died and was not retried), then bury the seqs handed out too late to
+        messages numbered already; return the messages this call numbered."""
         repaired = []
         async for doc in self._messages.find({"pending_since": {"$lt": older_than}}).sort("pending_since", ASCENDING):
             if (doc["sender_id"], doc["client_message_id"]) in in_flight:
@@ -151,6 +169,19 @@ class MessagesMixin:
             message, numbered = await self._number(doc)
             if numbered:
                 repaired.append(message)
+        # A late allocation: an attempt whose step 2 reached the server after its
+        # client gave up (a stall longer than the timeout), once a retry had numbered
+        # the message. Its entry holds a seq nobody will number.
+        async for conversation in self._conversations.find({"pending.at": {"$lt": older_than}},
+                                                            projection={"pending": 1}):
+            for entry in conversation["pending"]:
+                if entry["at"] >= older_than:
+                    continue
+                message = await self._messages.find_one({"_id": entry["id"]}, projection={"seq": 1, "pending_since": 1})
+                if message is not None and "pending_since" in message:
+                    continue  # its sender's attempt is still running: it finishes itself
+                await self._release(conversation["_id"], entry["id"], entry["seq"],
+                                    message.get("seq") if message else None)
         return repaired
 
     async def get_message(self, message_id: str) -> Record | None:

@@ -110,6 +110,11 @@ async def _devices(db: AsyncDatabase) -> None:
     ])
 
 
+async def _late_allocations(db: AsyncDatabase) -> None:
+    # The send repair looks for `pending` entries older than a few seconds.
+    await db.conversations.create_indexes([IndexModel([("pending.at", ASC)], sparse=True, name="pending_at")])
+
+
 MIGRATIONS: list[tuple[int, str, Migration]] = [
     (1, "users and conversations indexes", _users_and_conversations),
     (2, "messages, client-id reservations and receipts indexes", _messages_and_receipts),
@@ -117,6 +122,7 @@ MIGRATIONS: list[tuple[int, str, Migration]] = [
     (4, "gridfs encrypted_content indexes", _blobs),
     (5, "messages numbered after they are written", _numbered_after_writing),
     (6, "devices and their sessions", _devices),
+    (7, "pending seq allocations by age", _late_allocations),
 ]
 LATEST_VERSION = MIGRATIONS[-1][0]
 

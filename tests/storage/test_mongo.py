@@ -226,12 +226,41 @@ async def test_a_twin_too_late_for_the_number_gives_it_back_or_leaves_a_tombston
     assert seq == 2 and fresh
     other, _ = await store.add_message(conv["id"], b["id"], "other", b"y", None)
     assert other["seq"] == 3
-    await store._bury(conv["id"], seq, await store._messages.find_one({"_id": first["id"]}))
+    await store._release(conv["id"], first["id"], seq, first["seq"])
     history, _ = await store.list_messages(conv["id"], after=0)
     assert [(m["seq"], m["tombstone"]) for m in history] == [(1, None), (2, "unused"), (3, None)]
     conversation = await store.get_conversation(conv["id"])
     assert conversation["last_seq"] == 3 and conversation["last_message"]["id"] == other["id"]
     assert await store.count_unread(conv["id"], b["id"], 0) == 1  # a tombstone is nothing to read
+
+
+@pytest.mark.gen_test
+async def test_a_late_allocation_nobody_finishes_is_buried_by_repair(store):
+    """A storage stall longer than the client timeout: the attempt's allocation reaches
+    the server after a retry numbered the message, and nobody is left to release it."""
+    a, b = await make_users(store, "cyd", "dee")
+    conv, _ = await store.get_or_create_direct(a["id"], b["id"])
+    first, _ = await store.add_message(conv["id"], a["id"], "stalled", b"x", None)
+    late, _, fresh = await store._allocate(conv["id"], first["id"], {"id": first["id"], "content": None})
+    assert late == 2 and fresh
+    # Still the last seq: repair gives it back, and last_message is the real message again.
+    assert await store.repair_sends(utcnow() - timedelta(seconds=60)) == []  # too young to touch
+    assert (await store.get_conversation(conv["id"]))["last_seq"] == 2
+    assert await store.repair_sends(utcnow() + timedelta(seconds=1)) == []
+    conversation = await store.get_conversation(conv["id"])
+    assert conversation["last_seq"] == 1 and conversation["last_message"]["seq"] == 1
+    # Not the last any more: a tombstone fills it, and a second repair does nothing more.
+    late, _, _ = await store._allocate(conv["id"], first["id"], {"id": first["id"], "content": None})
+    other, _ = await store.add_message(conv["id"], b["id"], "after", b"y", None)
+    assert (late, other["seq"]) == (2, 3)
+    for _ in range(2):
+        assert await store.repair_sends(utcnow() + timedelta(seconds=1)) == []
+        history, _ = await store.list_messages(conv["id"], after=0)
+        assert [(m["seq"], m["tombstone"]) for m in history] == [(1, None), (2, "unused"), (3, None)]
+    assert (await store._conversations.find_one({"_id": conv["id"]}))["pending"] == []
+    # A retry of the first send after all that is still the one message.
+    again, created = await store.add_message(conv["id"], a["id"], "stalled", b"x", None)
+    assert again == first and not created
 
 
 class Crashed(Exception):
