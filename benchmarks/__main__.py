@@ -33,11 +33,17 @@ PROFILES: dict[str, dict[str, Any]] = {
     "quick": {"relay_pairs": (1, 50), "relay_duration": 2.0, "relay_warmup": 0.5, "relay_window": 4, "relay_repeats": 1,
               "relay_max": 200_000, "idle_counts": (200, 500), "idle_settle": 0.3, "storm_logins": 10, "storm_idle_s": 1.0,
               "blob_size": 16 * MIB, "history_messages": 5_000, "history_requests": 300,
-              "history_duration": 2.0, "rest_duration": 2.0, "rest_warmup": 0.5},
+              "history_duration": 2.0, "rest_duration": 2.0, "rest_warmup": 0.5,
+              "restart_pairs": 10, "restart_sends_each": 5, "restart_engines": ("memory",),
+              "soak_duration": 30.0, "soak_sample_every": 2.0,
+              "soak_warmup": 6.0, "soak_send_every": 0.25, "soak_gc_interval": 5.0},
     "full": {"relay_pairs": (1, 50), "relay_duration": 6.0, "relay_warmup": 1.0, "relay_window": 4, "relay_repeats": 3,
              "relay_max": 2_000_000, "idle_counts": (1000, 5000), "idle_settle": 1.0, "storm_logins": 50, "storm_idle_s": 3.0,
              "blob_size": 100 * MIB, "history_messages": 100_000, "history_requests": 3000,
-             "history_duration": 8.0, "rest_duration": 10.0, "rest_warmup": 1.0},
+             "history_duration": 8.0, "rest_duration": 10.0, "rest_warmup": 1.0,
+             "restart_pairs": 10, "restart_sends_each": 25, "restart_engines": ("memory", "sqlite"),
+             "soak_duration": 300.0, "soak_sample_every": 10.0,
+             "soak_warmup": 30.0, "soak_send_every": 0.5, "soak_gc_interval": 30.0},
 }
 
 
@@ -205,9 +211,75 @@ def sc_rest(cfg: dict[str, Any], logs: str) -> dict[str, Any]:
             "bare": with_server(lambda: start_bare(logs), "rest", {**params, "target": "bare"}, timeout)}
 
 
+def sc_restart(cfg: dict[str, Any], logs: str) -> dict[str, Any]:
+    """kill -9 with every send in flight, then a restart on the same port and database;
+    and the same sends without a crash (the storage's own time), each on a fresh database.
+    On both mongoeco engines: SQLite (persistent, ~4 ms a write: the storage alone takes
+    tens of seconds for the sends) and in memory (~1 ms a write, nearer a real MongoDB;
+    the wire server outlives the Kisse process it serves, so nothing is lost either way)."""
+    out: dict[str, Any] = {"kisse_root": str(procs.kisse_root())}
+    for engine in cfg["restart_engines"]:
+        mongo = procs.start_mongo(logs, persistent=engine == "sqlite")
+        try:
+            runs: dict[str, Any] = {"storage": f"mongoeco ({engine})" if mongo.server is not None
+                                    else "KISSE_BENCH_MONGODB_URI"}
+            for mode in ("restart", "control"):
+                spec = procs.kisse_spec(logs, mongo.uri(f"kisse_bench_{mode}_{os.getpid()}"))
+                server = procs.start_kisse_spec(spec)
+                pid_file = os.path.join(logs, f"restart-{mode}-{server.port}.pid")
+                params = {"base": server.base, "server_pid": server.pid, "pairs": cfg["restart_pairs"],
+                          "sends_each": cfg["restart_sends_each"], "kill": mode == "restart", "respawn": spec,
+                          "pid_file": pid_file, "backoff_base": 0.1, "backoff_cap": 1.0, "timeout": 120}
+                try:
+                    runs[mode] = run_client("restart", params, 300)
+                except Crash as crash:
+                    crash.reason = f"kisse: {crash.reason}"
+                    crash.detail += f"\n--- kisse log tail ---\n{server.log_tail()}"
+                    raise
+                finally:
+                    server.stop()
+                    if os.path.exists(pid_file):  # the replacement, if the load generator could not stop it
+                        procs.stop_pid(int(Path(pid_file).read_text()))
+                runs[mode]["kisse_env"] = {k: v for k, v in spec["kisse_env"].items() if k != "KISSE_JWT_SECRET"}
+            out[engine] = runs
+        finally:
+            mongo.stop()
+        if mongo.server is None:
+            break  # one real MongoDB: one run
+    return out
+
+
+def sc_soak(cfg: dict[str, Any], logs: str) -> dict[str, Any]:
+    """Mixed traffic with connection churn; the server's RSS every few seconds (MongoDB
+    storage in its own process, so stored data is not in the server's RSS)."""
+    mongo = procs.start_mongo(logs, persistent=False)
+    try:
+        spec = procs.kisse_spec(logs, mongo.uri(f"kisse_bench_soak_{os.getpid()}"), KISSE_PRESENCE_GRACE="1",
+                                KISSE_WS_PING="5", KISSE_GC_INTERVAL=str(cfg["soak_gc_interval"]))
+        server = procs.start_kisse_spec(spec)
+        params = {"base": server.base, "server_pid": server.pid, "pairs": 10, "duration": cfg["soak_duration"],
+                  "sample_every": cfg["soak_sample_every"], "warmup": cfg["soak_warmup"],
+                  "send_every": cfg["soak_send_every"], "cut_every": 2.0, "visit_every": 1.0, "rest_every": 0.05,
+                  "presence_every": 1.0}
+        try:
+            result = run_client("soak", params, cfg["soak_duration"] + 240)
+        except Crash as crash:
+            crash.reason = f"kisse: {crash.reason}"
+            crash.detail += f"\n--- kisse log tail ---\n{server.log_tail()}"
+            raise
+        finally:
+            code = server.stop()
+        result.update(server_exit_code=code, kisse_root=str(procs.kisse_root()),
+                      kisse_env={k: v for k, v in spec["kisse_env"].items() if k != "KISSE_JWT_SECRET"})
+        return result
+    finally:
+        mongo.stop()
+
+
 SCENARIOS: dict[str, Callable[[dict[str, Any], str], dict[str, Any]]] = {
     "relay": sc_relay, "idle": sc_idle, "login_storm": sc_login_storm, "blob": sc_blob,
     "history": sc_history, "rest": sc_rest,
+    "restart": sc_restart, "soak": sc_soak,
 }
 
 
@@ -345,11 +417,77 @@ def _rest_rows(rs: Any) -> list[Row]:
     return rows
 
 
+RESTART_TARGET_S = 10.0
+SOAK_SLOPE_TARGET = 64 * 1024  # bytes per minute: ~0, within what a GC cycle's sawtooth leaves in the fit
+
+
+def _whole(v: int | float | None) -> int | None:
+    return None if v is None else int(v)
+
+
+def _restart_rows(r: Any) -> list[Row]:
+    rows: list[Row] = []
+    for engine, runs in (r.items() if isinstance(r, dict) else ()):
+        if not isinstance(runs, dict) or "restart" not in runs:
+            continue
+        rows += _restart_engine_rows(runs, str(runs.get("storage", engine)))
+    return rows
+
+
+def _restart_engine_rows(runs: dict[str, Any], storage: str) -> list[Row]:
+    k, c = _get(runs, "restart"), _get(runs, "control")
+    sends, clients = _num(_get(k, "sends")), _num(_get(k, "clients"))
+    name = f"restart on {storage} (kill -9, {_fmt(_whole(sends))} sends in flight, {_fmt(_whole(clients))} clients)"
+    done = _get(k, "all_acked_after_listen_s")
+    met = _check(done, lambda v: v <= RESTART_TARGET_S)
+    if _get(k, "all_acked") is False:
+        met = False
+    book = _get(k, "ledger")
+    wrong = [_num(_get(book, key)) for key in ("lost", "duplicated", "holes", "disordered_senders")]
+    wrong_total = sum(wrong) if all(v is not None for v in wrong) else None  # type: ignore[arg-type]
+    rows = [_row(f"{name}: every send acked after restart", done, _get(c, "total_s"), "same sends, no crash", "s",
+                 f"<= {RESTART_TARGET_S:g} s", met)]
+    for q in ("p50_s", "p99_s"):
+        rows.append(_row(f"  acked after restart {q[:3]} (from listening)", _get(k, "recovery", q), None,
+                         "-", "s", "report", None))
+    for q in ("p50_ms", "p99_ms"):
+        rows.append(_row(f"  ack latency after restart {q[:3]} ((re)send to ack)", _get(k, "ack_latency", q),
+                         _get(c, "ack_latency", q), "same sends, no crash", "ms", "report", None))
+    rows.append(_row("  every client reconnected and synced", _get(k, "all_synced_after_listen_s"), None,
+                     "-", "s", "report", None))
+    rows.append(_row("  lost + duplicated + holes + out of order", wrong_total, None, "-", "sends", "= 0",
+                     _check(wrong_total, lambda v: v == 0)))
+    return rows
+
+
+def _soak_rows(s: Any) -> list[Row]:
+    duration = _num(_get(s, "duration_s"))
+    slope = _num(_get(s, "rss_slope_bytes_per_min"))
+    growth = _num(_get(s, "rss_growth_beyond_warmup"))
+    name = f"soak ({_fmt(_whole(duration))} s mixed traffic, churn, MongoDB)"
+    book = _get(s, "ledger")
+    wrong = [_num(_get(book, key)) for key in ("lost", "duplicated", "holes")]
+    wrong_total = sum(wrong) if all(v is not None for v in wrong) else None  # type: ignore[arg-type]
+    met = _check(slope, lambda v: abs(v) <= SOAK_SLOPE_TARGET)
+    return [
+        _row(f"{name}: RSS slope after warm-up", None if slope is None else round(slope / 1024, 1), None, "-",
+             "KiB/min", f"<= {SOAK_SLOPE_TARGET // 1024} KiB/min", met),
+        _row("soak: RSS growth after warm-up", None if growth is None else round(growth / MIB, 2), None, "-",
+             "MiB", "report", None),
+        _row("soak: sends lost + duplicated + holes", wrong_total, _get(s, "sends"), "sends made", "sends", "= 0",
+             _check(wrong_total, lambda v: v == 0) if _get(s, "all_acked") is not False else False, ratio=None),
+        _row("soak: WebSockets counted vs open at the end", _get(s, "ws_connections_counted"),
+             _get(s, "ws_connections_open"), "open", "conns", "equal",
+             _check(_get(s, "ws_connections_counted"), lambda v: v == _num(_get(s, "ws_connections_open")))),
+    ]
+
+
 # Per scenario, in table order: its rows, and the target a crashed row shows.
 TABLE: dict[str, tuple[Callable[[Any], list[Row]], str]] = {
     "relay": (_relay_rows, ">= 0.5x bare, p99 <= 2x bare"), "idle": (_idle_rows, "<= 1.5x bare"),
     "login_storm": (_login_storm_rows, "<= 50 ms"), "blob": (_blob_rows, "<= 16 MiB"),
     "history": (_history_rows, "<= 5 ms"), "rest": (_rest_rows, "report ratio"),
+    "restart": (_restart_rows, f"<= {RESTART_TARGET_S:g} s"), "soak": (_soak_rows, "RSS slope ~0"),
 }
 
 

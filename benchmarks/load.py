@@ -16,7 +16,9 @@ import random
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
+from math import inf
 from typing import Any
 
 import aiohttp
@@ -584,8 +586,262 @@ async def rest(p: dict[str, Any]) -> dict[str, Any]:
     return {"target": p["target"], **result}
 
 
+# -- restart and soak: the reference client of tests/traffic.py ----------------------------
+async def register_tagged_pairs(api: "Kisse", pairs: int, tag: str) -> tuple[list[Any], list[Any]]:
+    """Like `register_pairs`, with at most 8 registrations at a time (MongoDB storage is slower)."""
+    tag = unique(tag)
+    users = await bounded_gather(8, [lambda i=i: api.register(f"{tag}_{i}") for i in range(2 * pairs)])
+    for u in users:
+        if isinstance(u, BaseException):
+            raise u
+    convs = await bounded_gather(8, [lambda i=i: api.conversation(users[2 * i][0], users[2 * i + 1][1])
+                                     for i in range(pairs)])
+    for c in convs:
+        if isinstance(c, BaseException):
+            raise c
+    return users, convs
+
+
+def traffic_clients(base: str, users: list[tuple[str, str]], convs: list[str], window: int, backoff_base: float,
+                    backoff_cap: float, mark_delivered: bool = False) -> list[Any]:
+    from tests.traffic import TrafficClient
+    return [TrafficClient(base, token, user_id=user_id, conversations=[convs[i // 2]], window=window,
+                          backoff_base=backoff_base, backoff_cap=backoff_cap, mark_delivered=mark_delivered,
+                          name=f"b{i}", seed=i).start()
+            for i, (token, user_id) in enumerate(users)]
+
+
+async def wait_clients(clients: list[Any], condition: Callable[[Any], bool], timeout: float) -> bool:
+    deadline = perf() + timeout
+    for client in clients:
+        if not await client.wait_for(lambda: condition(client), max(0.0, deadline - perf())):
+            return False
+    return True
+
+
+async def ledger(api: "Kisse", users: list[tuple[str, str]], convs: list[str], clients: list[Any],
+                 others: list[Any] = ()) -> dict[str, int]:  # type: ignore[assignment]
+    """tests/traffic.py's `ledger` counts (users 2i and 2i+1 share `convs[i]`)."""
+    from tests import traffic
+    counts, _ = await traffic.ledger(lambda path, token: api.call("GET", path, token),
+                                     [users[2 * i][0] for i in range(len(convs))], convs, clients, others)
+    return counts
+
+
+def _process_gone(pid: int, timeout: float) -> None:
+    from benchmarks.procs import alive
+    deadline = perf() + timeout
+    while alive(pid):
+        if perf() > deadline:
+            raise RuntimeError(f"server {pid} still alive {timeout:.0f}s after SIGKILL")
+        time.sleep(0.005)
+
+
+async def restart(p: dict[str, Any]) -> dict[str, Any]:
+    """`pairs` × 2 clients queue `sends_each` messages each, all in flight at once; once a
+    tenth are acked the server is killed (SIGKILL) and started again on the same port
+    and database. Time until every send is acked, ack latencies after the restart, and
+    storage checked for lost, duplicated, holes and order. With `kill` false: the same
+    sends without a crash (the storage's own time: the floor of any recovery)."""
+    import signal as signals
+
+    from benchmarks import procs
+    from tests.traffic import percentile
+    clock = time.monotonic  # the clock of tests/traffic.py's timestamps
+    async with make_session() as session:
+        api = Kisse(session, p["base"])
+        users, convs = await register_tagged_pairs(api, p["pairs"], "rs")
+        clients = traffic_clients(p["base"], users, convs, p["sends_each"], p["backoff_base"], p["backoff_cap"])
+        replacement = None
+        try:
+            if not await wait_clients(clients, lambda c: c.synced, 60):
+                raise RuntimeError("clients did not connect")
+            total = len(clients) * p["sends_each"]
+            t_queue = clock()
+            for i, client in enumerate(clients):
+                for _ in range(p["sends_each"]):
+                    client.send(convs[i // 2], ciphertext=CIPHERTEXT)
+            out: dict[str, Any] = {"clients": len(clients), "sends": total, "killed": bool(p["kill"])}
+            if p["kill"]:
+                while sum(1 for c in clients for s in c.sends if s.acked_at) < total // 10:
+                    if clock() - t_queue > p["timeout"]:
+                        raise RuntimeError("traffic did not start")
+                    await asyncio.sleep(0.002)
+                t_kill = clock()
+                out["acked_before_kill"] = sum(1 for c in clients for s in c.sends if s.acked_at)
+                os.kill(p["server_pid"], signals.SIGKILL)
+                await asyncio.get_running_loop().run_in_executor(None, _process_gone, p["server_pid"], 30)
+                replacement = procs.spawn(p["respawn"])
+                with open(p["pid_file"], "w") as f:
+                    f.write(str(replacement.pid))
+                await asyncio.get_running_loop().run_in_executor(
+                    None, procs.wait_listening, p["respawn"]["port"], 60)
+                t_listen = clock()
+                out["downtime_s"] = round(t_listen - t_kill, 3)
+            all_acked = await wait_clients(clients, lambda c: not c.unacked(), p["timeout"])
+            t_done = clock()
+            sends = [s for c in clients for s in c.sends]
+            out.update(all_acked=all_acked, unacked=sum(1 for s in sends if s.acked_at is None),
+                       total_s=round(t_done - t_queue, 3))
+            if p["kill"]:
+                later = [s for s in sends if s.acked_at is not None and s.acked_at > t_kill]
+                since_listen = [s.acked_at - t_listen for s in later]
+                latency = [s.acked_at - max(s.last_sent_at or t_listen, t_listen) for s in later]
+                synced = await wait_clients(clients, lambda c: c.synced and c.syncs[-1] > t_listen, 30)
+                out.update(acked_after_restart=len(later),
+                           all_acked_after_listen_s=_r(max(since_listen) if since_listen else None),
+                           recovery={"p50_s": _r(percentile(since_listen, 50)), "p99_s": _r(percentile(since_listen, 99))},
+                           ack_latency=latency_summary(latency), all_synced=synced,
+                           all_synced_after_listen_s=_r(max(min((t for t in c.syncs if t > t_listen), default=inf)
+                                                            for c in clients) - t_listen))
+            else:
+                latency = [s.acked_at - s.first_sent_at for s in sends if s.acked_at and s.first_sent_at]
+                out["ack_latency"] = latency_summary(latency)
+            out["ledger"] = await ledger(api, users, convs, clients)
+            out["client_errors"] = dict(sum((c.error_codes for c in clients), Counter()))
+            out["reconnects"] = sum(len(c.connects) - 1 for c in clients)
+            return out
+        finally:
+            for client in clients:
+                await client.stop()
+            if replacement is not None:
+                replacement.send_signal(signals.SIGTERM)
+                try:
+                    await asyncio.get_running_loop().run_in_executor(None, replacement.wait, 15)
+                except Exception:
+                    replacement.kill()
+
+
+def _slope_per_minute(samples: list[tuple[float, int]]) -> float | None:
+    """Least-squares slope of (seconds, bytes) samples, in bytes per minute."""
+    if len(samples) < 3:
+        return None
+    n = len(samples)
+    mt, mr = sum(t for t, _ in samples) / n, sum(r for _, r in samples) / n
+    var = sum((t - mt) ** 2 for t, _ in samples)
+    return 60 * sum((t - mt) * (r - mr) for t, r in samples) / var if var else None
+
+
+async def soak(p: dict[str, Any]) -> dict[str, Any]:
+    """Mixed traffic for `duration` seconds on MongoDB storage (so what is stored is
+    not in the server's RSS): `pairs` × 2 devices that send (with typing first), mark
+    what they get delivered, set their presence, and are cut off now and then (they
+    reconnect and sync); short-lived second devices that connect, sync, send and leave,
+    politely or not; REST reads (conversations, history pages, capabilities). The
+    server's VmRSS every `sample_every` s; the slope after `warmup` s is the figure."""
+    from tests.traffic import TrafficClient
+    rng = random.Random(5)
+    pid = p["server_pid"]
+    async with make_session() as session:
+        api = Kisse(session, p["base"])
+        users, convs = await register_tagged_pairs(api, p["pairs"], "sk")
+        clients = traffic_clients(p["base"], users, convs, 20, 0.2, 2.0, mark_delivered=True)
+        visitors: list[Any] = []
+        gone: list[Any] = []  # visitors that left, for the ledger
+        counts = {"cuts": 0, "visits": 0, "rest": 0, "rest_errors": 0, "typing": 0, "presence": 0}
+        stop = asyncio.Event()
+        try:
+            if not await wait_clients(clients, lambda c: c.synced, 60):
+                raise RuntimeError("clients did not connect")
+            t0 = perf()
+
+            async def every(interval: float, action: Callable[[], Awaitable[None]]) -> None:
+                await asyncio.sleep(rng.uniform(0, interval))
+                while not stop.is_set():
+                    await action()
+                    await asyncio.sleep(interval * rng.uniform(0.5, 1.5))
+
+            async def send() -> None:
+                i = rng.randrange(len(clients))
+                if clients[i].request("typing.start", {"conversation_id": convs[i // 2]}):
+                    counts["typing"] += 1
+                clients[i].send(convs[i // 2], ciphertext=CIPHERTEXT)
+
+            async def cut() -> None:
+                rng.choice(clients).cut()
+                counts["cuts"] += 1
+
+            async def presence() -> None:
+                if rng.choice(clients).request("presence.set", {"status": rng.choice(["online", "away", "busy"])}):
+                    counts["presence"] += 1
+
+            async def visit() -> None:
+                i = rng.randrange(len(users))
+                visitor = TrafficClient(p["base"], users[i][0], user_id=users[i][1], conversations=[convs[i // 2]],
+                                        backoff_base=0.2, backoff_cap=2.0, name=f"v{counts['visits']}").start()
+                visitors.append(visitor)
+                counts["visits"] += 1
+                await visitor.wait_for(lambda: visitor.synced, 10)
+                visitor.send(convs[i // 2], ciphertext=CIPHERTEXT)
+                await visitor.wait_for(lambda: not visitor.unacked(), 10)
+                if rng.random() < 0.5:
+                    visitor.cut()
+                await visitor.stop()
+                visitors.remove(visitor)
+                gone.append(visitor)
+
+            async def rest() -> None:
+                i = rng.randrange(len(users))
+                token = users[i][0]
+                paths = ["/api/conversations", f"/api/conversations/{convs[i // 2]}/messages?limit=50",
+                         "/api/capabilities", f"/api/presence/{users[i ^ 1][1]}"]
+                try:
+                    await api.call("GET", rng.choice(paths), token)
+                    counts["rest"] += 1
+                except Exception:
+                    counts["rest_errors"] += 1
+
+            samples: list[tuple[float, int]] = []
+
+            async def sample() -> None:
+                samples.append((round(perf() - t0, 2), rss(pid)))
+
+            loops = [asyncio.ensure_future(every(p["send_every"], send)),
+                     asyncio.ensure_future(every(p["cut_every"], cut)),
+                     asyncio.ensure_future(every(p["visit_every"], visit)),
+                     asyncio.ensure_future(every(p["rest_every"], rest)),
+                     asyncio.ensure_future(every(p["presence_every"], presence))]
+            meter = CpuMeter(pid)
+            meter.start()
+            while perf() - t0 < p["duration"]:
+                await sample()
+                await asyncio.sleep(max(0.0, p["sample_every"] - (perf() - t0) % p["sample_every"]))
+            await sample()
+            cpu = meter.stop()
+            stop.set()
+            for loop in loops:
+                loop.cancel()
+            all_acked = await wait_clients(clients, lambda c: not c.unacked(), 60)
+            for visitor in list(visitors):
+                await visitor.stop()
+                gone.append(visitor)
+            await asyncio.sleep(1)
+            metrics = await (await session.get(p["base"] + "/metrics")).text()
+            counted = next((float(line.split()[1]) for line in metrics.splitlines()
+                            if line.startswith("kisse_ws_connections ")), None)
+            open_now = sum(1 for c in clients if c.connected)
+            steady = [(t, r) for t, r in samples if t >= p["warmup"]]
+            slope = _slope_per_minute(steady)
+            book = await ledger(api, users, convs, clients, gone)
+            return {"duration_s": p["duration"], "sample_every_s": p["sample_every"], "warmup_s": p["warmup"],
+                    "rss_samples": samples, "rss_first": steady[0][1] if steady else None,
+                    "rss_last": steady[-1][1] if steady else None,
+                    "rss_slope_bytes_per_min": None if slope is None else round(slope),
+                    "rss_growth_beyond_warmup": steady[-1][1] - steady[0][1] if steady else None,
+                    "sends": sum(len(c.sends) for c in [*clients, *gone]), "all_acked": all_acked, "ledger": book,
+                    "visitor_sends_unacked": sum(len(v.unacked()) for v in gone),
+                    "ws_connections_counted": counted, "ws_connections_open": open_now, "counts": counts,
+                    "reconnects": sum(len(c.connects) - 1 for c in clients),
+                    "client_errors": dict(sum((c.error_codes for c in clients), Counter())), "cpu": cpu}
+        finally:
+            stop.set()
+            for client in [*clients, *visitors]:
+                await client.stop()
+
+
 SCENARIOS: dict[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]] = {
     "relay": relay, "idle": idle, "login_storm": login_storm, "blob": blob, "history": history, "rest": rest,
+    "restart": restart, "soak": soak,
 }
 
 

@@ -15,6 +15,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 HOST = "127.0.0.1"
 ROOT = Path(__file__).resolve().parent.parent
@@ -154,3 +155,108 @@ def start_bare(log_dir: str) -> Server:
 
 def new_log_dir() -> str:
     return tempfile.mkdtemp(prefix="kisse-bench-")
+
+
+# -- the restart and soak scenarios: MongoDB storage outside the server, Kisse from any checkout --
+_mongo_count = 0
+
+
+def kisse_root() -> Path:
+    """The checkout whose `python -m kisse` the restart and soak scenarios run: this
+    one, or KISSE_BENCH_KISSE_ROOT (e.g. an older commit's worktree, to compare)."""
+    return Path(os.environ.get("KISSE_BENCH_KISSE_ROOT") or ROOT).resolve()
+
+
+@dataclass
+class Mongo:
+    """MongoDB for a scenario: KISSE_BENCH_MONGODB_URI if set, else a mongoeco wire
+    server of our own (tests/mongo_server.py: SQLite on a file in the log dir, or in memory)."""
+
+    base_uri: str
+    server: object | None = None  # tests.mongo_server.MongoecoServer
+
+    def uri(self, database: str) -> str:
+        parts = urlsplit(self.base_uri)
+        return urlunsplit((parts.scheme, parts.netloc, "/" + database, parts.query, parts.fragment))
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+
+
+def start_mongo(log_dir: str, persistent: bool) -> Mongo:
+    global _mongo_count
+    if os.environ.get("KISSE_BENCH_MONGODB_URI"):
+        return Mongo(os.environ["KISSE_BENCH_MONGODB_URI"])
+    from tests import mongo_server
+    reason = mongo_server.unavailable_reason()
+    if reason:
+        raise RuntimeError(f"no MongoDB for this scenario: {reason} (or set KISSE_BENCH_MONGODB_URI)")
+    _mongo_count += 1
+    sqlite = os.path.join(log_dir, f"mongoeco-{_mongo_count}.sqlite") if persistent else None
+    server = mongo_server.MongoecoServer(mongo_server.venv_python(), sqlite_path=sqlite).start()
+    return Mongo(server.uri("kisse"), server)
+
+
+def kisse_spec(log_dir: str, storage: str, port: int | None = None, **overrides: str) -> dict[str, object]:
+    """How to start `python -m kisse` from `kisse_root()` on MongoDB storage: argv, cwd,
+    env and log file, as JSON, so a load generator can start it again after killing it."""
+    port = port or free_port()
+    kisse_env = {"KISSE_HOST": HOST, "KISSE_PORT": str(port), "KISSE_STORAGE": storage,
+                 "KISSE_JWT_SECRET": BENCH_JWT_SECRET, "KISSE_BCRYPT_ROUNDS": "4",
+                 "KISSE_WS_QUEUE_BYTES": str(1 << 30), "KISSE_LOG_LEVEL": "WARNING", **overrides}
+    root = kisse_root()
+    return {"argv": [sys.executable, "-m", "kisse"], "cwd": str(root), "port": port, "kisse_env": kisse_env,
+            "env": {**os.environ, **kisse_env, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(root)},
+            "log_path": os.path.join(log_dir, f"kisse-{port}.log")}
+
+
+def spawn(spec: dict[str, object]) -> subprocess.Popen:
+    """Start the process a `kisse_spec` describes (appending to its log); not waiting for it."""
+    with open(str(spec["log_path"]), "ab") as log:
+        return subprocess.Popen(spec["argv"], cwd=spec["cwd"], env=spec["env"], stdout=log,  # type: ignore[arg-type]
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=raise_nofile)
+
+
+def start_kisse_spec(spec: dict[str, object]) -> Server:
+    server = Server("kisse", int(spec["port"]), spawn(spec), str(spec["log_path"]),  # type: ignore[arg-type]
+                    dict(spec["kisse_env"]))  # type: ignore[arg-type]
+    _wait_ready(server, timeout=60)
+    return server
+
+
+def wait_listening(port: int, timeout: float, interval: float = 0.01) -> float:
+    """`time.perf_counter()` when /healthz first answers 200 on `port`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://{HOST}:{port}/healthz", timeout=1) as response:
+                if response.status == 200:
+                    return time.perf_counter()
+        except OSError:
+            pass
+        time.sleep(interval)
+    raise RuntimeError(f"nothing answered /healthz on port {port} within {timeout:.0f}s")
+
+
+def stop_pid(pid: int, timeout: float = 10.0) -> None:
+    """SIGTERM a process that is not our child, then SIGKILL it if it lingers."""
+    for signum in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not alive(pid):
+                return
+            time.sleep(0.05)
+
+
+def alive(pid: int) -> bool:
+    """Running (not gone, not a zombie waiting for its parent)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False

@@ -166,3 +166,39 @@ def test_main_reports_a_raising_scenario_and_still_prints_the_others(
     assert report["crashed"] == ["relay"]
     assert report["scenarios"]["relay"]["error"] == "ModuleNotFoundError: No module named 'picows'"
     assert report["scenarios"]["history"] == SUCCESS["history"]
+
+
+def _restart_run(killed: bool, total: float, wrong: int = 0) -> dict[str, Any]:
+    run = {"clients": 20, "sends": 500, "killed": killed, "all_acked": True, "total_s": total,
+           "ack_latency": _latency(6500.0, 19000.0),
+           "ledger": {"messages": 500, "tombstones": 0, "lost": wrong, "duplicated": 0, "holes": 0,
+                      "disordered_senders": 0}}
+    if killed:
+        run.update(all_acked_after_listen_s=total - 1, recovery={"p50_s": 6.8, "p99_s": total - 1},
+                   all_synced_after_listen_s=1.1)
+    return run
+
+
+def test_restart_rows_per_engine_judge_the_target_and_the_ledger() -> None:
+    result = {"kisse_root": "/k",
+              "memory": {"storage": "mongoeco (memory)", "restart": _restart_run(True, 8.0),
+                         "control": _restart_run(False, 9.0)},
+              "sqlite": {"storage": "mongoeco (sqlite)", "restart": _restart_run(True, 45.0, wrong=2),
+                         "control": _restart_run(False, 46.0)}}
+    rows = build_table({"restart": result})
+    heads = [r for r in rows if r["metric"].startswith("restart on ")]
+    assert [(r["metric"].split(" (kill")[0], r["kisse"], r["baseline"], r["met"]) for r in heads] == [
+        ("restart on mongoeco (memory)", 7.0, 9.0, True), ("restart on mongoeco (sqlite)", 44.0, 46.0, False)]
+    wrong = [r for r in rows if "lost + duplicated" in r["metric"]]
+    assert [(r["kisse"], r["met"]) for r in wrong] == [(0, True), (2, False)]
+    assert "restart on mongoeco (memory)" in render_table(rows)
+
+
+def test_soak_rows_judge_the_slope_and_the_connection_count() -> None:
+    soak = {"duration_s": 300, "rss_slope_bytes_per_min": 200 * 1024, "rss_growth_beyond_warmup": 2 * 1024 * 1024,
+            "sends": 877, "all_acked": True, "ws_connections_counted": 21.0, "ws_connections_open": 20,
+            "ledger": {"lost": 0, "duplicated": 0, "holes": 0}}
+    rows = {r["metric"].split(":")[1].strip(): r for r in build_table({"soak": soak})}
+    assert rows["RSS slope after warm-up"]["kisse"] == 200.0 and rows["RSS slope after warm-up"]["met"] is False
+    assert rows["sends lost + duplicated + holes"]["met"] is True
+    assert rows["WebSockets counted vs open at the end"]["met"] is False
