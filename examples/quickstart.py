@@ -129,6 +129,10 @@ async def run(base_url: str, timeout: float) -> None:
     conversation = api.call("POST", "/api/conversations", alice_token,
                             {"participant_ids": [users["bob"]["user"]["id"]]})["conversation"]
     print(f"conversation id={conversation['id']} kind={conversation['kind']}")
+    # For bob it is a message request until he accepts it (or replies): until then
+    # alice sees none of his presence, typing or receipts, and cannot call him.
+    accepted = api.call("POST", f"/api/conversations/{conversation['id']}/accept", bob_token, {})
+    print(f"bob accepts the request: state={accepted['conversation']['membership']['state']}")
 
     step("3. both open the WebSocket and sync")
     alice = await open_socket("alice", base_url, alice_token, deadline)

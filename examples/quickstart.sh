@@ -54,6 +54,10 @@ echo "== 2. alice creates a direct conversation with bob"
 R=$(api POST /api/conversations "$ALICE_TOKEN" "{\"participant_ids\":[\"$BOB_ID\"]}")
 CONV_ID=$(echo "$R" | json 'd["conversation"]["id"]')
 echo "conversation id=$CONV_ID kind=$(echo "$R" | json 'd["conversation"]["kind"]')"
+# For bob it is a message request until he accepts it (or replies): until then
+# alice sees none of his presence, typing or receipts, and cannot call him.
+R=$(api POST "/api/conversations/$CONV_ID/accept" "$BOB_TOKEN" "{}")
+echo "bob accepts the request: state=$(echo "$R" | json 'd["conversation"]["membership"]["state"]')"
 
 echo "== 3. alice sends a message (ciphertext is base64 of bytes the server never reads)"
 CLIENT_ID=$(python3 -c 'import uuid; print(uuid.uuid4())')

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from handlers import auth, calls, content, conversations, devices, health, messages, metrics, presence, users, ws
+from handlers import auth, blocks, calls, content, conversations, devices, health, messages, metrics, presence, users, ws
 
 default_handlers: list[tuple[str, Any]] = [
     *health.routes,
@@ -11,6 +11,7 @@ default_handlers: list[tuple[str, Any]] = [
     *auth.routes,
     *devices.routes,
     *users.routes,
+    *blocks.routes,
     *conversations.routes,
     *messages.routes,
     *content.routes,

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from kisse import messaging
-from storage.base import Storage
+from storage.base import Record, Storage
 
 PAGE = 200
 # Recent live pushes a connection remembers, so that a later `sync` does not send them again.
@@ -70,7 +70,8 @@ class CatchUp:
             del self._pushed[next(iter(self._pushed))]
 
     async def run(self, storage: Storage, user_id: str, cursors: dict[str, int],
-                  send: Callable[[dict[str, Any]], Awaitable[bool]]) -> tuple[int, list[bytes]]:
+                  send: Callable[[dict[str, Any]], Awaitable[bool]],
+                  view: Callable[[Record], dict[str, Any]] = messaging.message_view) -> tuple[int, list[bytes]]:
         """Send every message after `cursors` through `send` (which waits for the
         socket and says False once it is gone); return how many messages the
         catch-up covered and the held frames to send after it."""
@@ -90,7 +91,7 @@ class CatchUp:
                     for record in page:
                         key = (conversation_id, record["seq"])
                         if key not in self._pushed and key not in covered:
-                            if not await send(messaging.message_view(record)):
+                            if not await send(view(record)):
                                 return len(covered), self.release(covered)
                         covered.add(key)
                         upto[conversation_id] = after = record["seq"]

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from handlers.base import APIHandler
-from kisse import messaging, schemas
+from kisse import membership, messaging, schemas
+from kisse.errors import BadRequest
 from kisse.views import parse_page_cursor
 
 LIST_MAX = 100
@@ -14,7 +15,10 @@ class ConversationsHandler(APIHandler):
         limit = self.query_int("limit", 50, minimum=1, maximum=LIST_MAX)
         before = parse_page_cursor(self.get_query_argument("before", None))
         assert limit is not None
-        self.send_json(await messaging.list_conversations(self.rt, self.user_id, limit, before))
+        filter = self.get_query_argument("filter", "accepted")
+        if filter not in schemas.CONVERSATION_FILTERS:
+            raise BadRequest(f"filter is one of {', '.join(schemas.CONVERSATION_FILTERS)}", code="invalid_query")
+        self.send_json(await messaging.list_conversations(self.rt, self.user_id, limit, before, filter))
 
     async def post(self) -> None:
         body = self.json_body()
@@ -24,9 +28,66 @@ class ConversationsHandler(APIHandler):
 
 
 class ConversationHandler(APIHandler):
+    BODIES = {"PATCH": schemas.UPDATE_CONVERSATION}
+
     async def get(self, conversation_id: str) -> None:
-        conversation = await messaging.member_conversation(self.rt, self.user_id, conversation_id)
+        conversation = await messaging.member_conversation(self.rt, self.user_id, conversation_id, former=True)
         self.send_json({"conversation": await messaging.conversation_view(self.rt, conversation, self.user_id)})
+
+    async def patch(self, conversation_id: str) -> None:
+        body = self.json_body()
+        if "title" not in body:
+            view = await messaging.conversation_view(
+                self.rt, await messaging.member_conversation(self.rt, self.user_id, conversation_id), self.user_id)
+            self.send_json({"conversation": view})
+            return
+        self.send_json(await membership.set_title(self.rt, self.user_id, conversation_id, body["title"]))
+
+
+class AcceptHandler(APIHandler):
+    BODIES = {"POST": schemas.EMPTY}
+
+    async def post(self, conversation_id: str) -> None:
+        self.json_body()
+        self.send_json({"conversation": await membership.accept(self.rt, self.user_id, conversation_id)})
+
+
+class DeclineHandler(APIHandler):
+    BODIES = {"POST": schemas.EMPTY}
+
+    async def post(self, conversation_id: str) -> None:
+        self.json_body()
+        await membership.decline(self.rt, self.user_id, conversation_id)
+        self.send_empty()
+
+
+class LeaveHandler(APIHandler):
+    BODIES = {"POST": schemas.EMPTY}
+
+    async def post(self, conversation_id: str) -> None:
+        self.json_body()
+        await membership.leave(self.rt, self.user_id, conversation_id)
+        self.send_empty()
+
+
+class MembersHandler(APIHandler):
+    BODIES = {"POST": schemas.ADD_MEMBERS}
+
+    async def post(self, conversation_id: str) -> None:
+        body = self.json_body()
+        self.send_json(await membership.add_members(self.rt, self.user_id, conversation_id, body["user_ids"]))
+
+
+class MemberHandler(APIHandler):
+    BODIES = {"PATCH": schemas.SET_ROLE}
+
+    async def patch(self, conversation_id: str, user_id: str) -> None:
+        body = self.json_body()
+        self.send_json(await membership.set_role(self.rt, self.user_id, conversation_id, user_id, body["role"]))
+
+    async def delete(self, conversation_id: str, user_id: str) -> None:
+        await membership.remove_member(self.rt, self.user_id, conversation_id, user_id)
+        self.send_empty()
 
 
 class HistoryHandler(APIHandler):
@@ -42,4 +103,9 @@ routes = [
     (r"/api/conversations", ConversationsHandler),
     (r"/api/conversations/([^/]+)", ConversationHandler),
     (r"/api/conversations/([^/]+)/messages", HistoryHandler),
+    (r"/api/conversations/([^/]+)/accept", AcceptHandler),
+    (r"/api/conversations/([^/]+)/decline", DeclineHandler),
+    (r"/api/conversations/([^/]+)/leave", LeaveHandler),
+    (r"/api/conversations/([^/]+)/members", MembersHandler),
+    (r"/api/conversations/([^/]+)/members/([^/]+)", MemberHandler),
 ]

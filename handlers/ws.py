@@ -257,7 +257,8 @@ class GatewaySocket(tornado.websocket.WebSocketHandler):
         """Send every message missed since the client's cursors, then go live
         (handlers/catchup.py: no gap and no duplicate at the seam)."""
         self._sync_grace.cancel()
-        covered, held = await self._catchup.run(self.rt.storage, self.user_id, cursors, self._send_now)
+        view = await messaging.visible_to(self.rt, self.user_id)
+        covered, held = await self._catchup.run(self.rt.storage, self.user_id, cursors, self._send_now, view)
         for frame in held:
             self._send(frame, urgent=True)
         return {"messages": covered}

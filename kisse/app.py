@@ -11,6 +11,7 @@ from handlers import default_handlers
 from handlers.base import NotFoundHandler
 from kisse import auth, messaging
 from kisse.calls import CallTimers
+from kisse.contacts import Blocks
 from kisse.members import Members
 from kisse.metrics import Metrics
 from kisse.presence import PresenceTracker
@@ -49,6 +50,7 @@ def make_app(settings: Settings, storage: Storage) -> tornado.web.Application:
     rt.calls = CallTimers(rt)
     rt.metrics = Metrics(rt.hub.count, lambda: rt.inflight)
     rt.members = Members(storage)
+    rt.blocks = Blocks(rt)
     return tornado.web.Application(
         default_handlers,
         kisse=rt,

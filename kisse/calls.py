@@ -23,7 +23,7 @@ from typing import Any
 
 import orjson
 
-from kisse import protocol
+from kisse import contacts, protocol
 from kisse.errors import BadRequest, Conflict, NotFound, PayloadTooLarge
 from kisse.runtime import Runtime
 from kisse.views import call_view, page_cursor
@@ -101,8 +101,13 @@ async def party_call(rt: Runtime, user_id: str, call_id: str) -> Record:
 
 async def start_call(rt: Runtime, caller_id: str, callee_id: str, media: str,
                      origin_conn: str | None = None) -> dict[str, Any]:
-    if callee_id == caller_id or callee_id not in await rt.storage.contact_ids(caller_id):
-        raise NotFound("no such user to call", code="user_not_found")
+    if callee_id not in await rt.storage.contact_ids(caller_id):
+        # A stranger, a pending request, a block either way: the same answer, and the
+        # callee never rings nor shows busy (kisse/contacts.py).
+        callee = None if callee_id == caller_id else await rt.storage.get_user(callee_id)
+        if callee is None or callee.get("deleted"):
+            raise NotFound("no such user to call", code="user_not_found")
+        raise contacts.not_a_contact()
     call = await rt.storage.create_call(caller_id, callee_id, media,
                                         utcnow() + timedelta(seconds=rt.settings.call_ring_timeout))
     view = call_view(call)

@@ -1,34 +1,71 @@
-"""Who belongs to a conversation, kept in process.
+"""Who belongs to a conversation, and how, kept in process.
 
-A conversation's participants never change once it exists (there is no API
-to add or remove members), so the cache needs no invalidation, and stays
-right with several Kisse processes on one database. If membership ever
-becomes mutable, this is the place to invalidate it.
+Membership changes (accept, leave, add, remove, roles): every change goes
+through `kisse/membership.py`, which tells this cache (`forget`) once storage
+has it. With one process that keeps the cache exact; several processes will
+need the event bus to carry the same invalidation (cluster mode).
 """
 from __future__ import annotations
 
-from storage.base import Storage
+from dataclasses import dataclass
 
-CACHE_SIZE = 100_000  # conversations; a tuple of ids each
+from storage.base import Record, Storage
+
+CACHE_SIZE = 100_000  # conversations
+
+
+@dataclass(frozen=True, slots=True)
+class Membership:
+    """A conversation's members: `ids` in joining order, `requests` who have not accepted."""
+
+    kind: str
+    ids: tuple[str, ...]
+    requests: frozenset[str]
+    admins: frozenset[str]
+
+    @classmethod
+    def of(cls, conversation: Record) -> "Membership":
+        return cls(conversation["kind"], tuple(conversation["participant_ids"]),
+                   frozenset(conversation["requests"]), frozenset(conversation["admins"]))
+
+    def accepted(self, user_id: str) -> bool:
+        return user_id in self.ids and user_id not in self.requests
 
 
 class Members:
-    """Participant ids by conversation id, read from storage on a miss."""
+    """Memberships by conversation id, read from storage on a miss."""
 
     def __init__(self, storage: Storage, size: int = CACHE_SIZE) -> None:
         self._storage = storage
         self._size = size
-        self._by_conversation: dict[str, tuple[str, ...]] = {}
+        self._by_conversation: dict[str, Membership] = {}
 
-    async def of(self, conversation_id: str) -> tuple[str, ...] | None:
-        """The participant ids, or None if there is no such conversation."""
-        members = self._by_conversation.get(conversation_id)
-        if members is None:
+    async def membership(self, conversation_id: str) -> Membership | None:
+        """The membership, or None if there is no such conversation."""
+        membership = self._by_conversation.get(conversation_id)
+        if membership is None:
             conversation = await self._storage.get_conversation(conversation_id)
             if conversation is None:
                 return None
-            members = tuple(conversation["participant_ids"])
-            if len(self._by_conversation) >= self._size:
-                del self._by_conversation[next(iter(self._by_conversation))]  # the oldest entry
-            self._by_conversation[conversation_id] = members
-        return members
+            membership = self.remember(conversation)
+        return membership
+
+    async def of(self, conversation_id: str) -> tuple[str, ...] | None:
+        """The member ids, or None if there is no such conversation."""
+        membership = await self.membership(conversation_id)
+        return membership.ids if membership else None
+
+    def peek(self, conversation_id: str) -> Membership | None:
+        """The cached membership, if any (no storage read)."""
+        return self._by_conversation.get(conversation_id)
+
+    def remember(self, conversation: Record) -> Membership:
+        """Cache the membership of a conversation record just read or changed."""
+        membership = Membership.of(conversation)
+        if conversation["id"] not in self._by_conversation and len(self._by_conversation) >= self._size:
+            del self._by_conversation[next(iter(self._by_conversation))]  # the oldest entry
+        self._by_conversation[conversation["id"]] = membership
+        return membership
+
+    def forget(self, conversation_id: str) -> None:
+        self._by_conversation.pop(conversation_id, None)

@@ -8,10 +8,11 @@ import hashlib
 from datetime import datetime, timedelta
 from typing import Any
 
-from kisse import presence
+from kisse import contacts, presence
 from kisse.errors import BadRequest, Conflict, NotFound
+from kisse.members import Membership
 from kisse.runtime import Runtime
-from kisse.views import iso, message_view, page_cursor, presence_view, user_view
+from kisse.views import blocked_view, iso, message_view, page_cursor, presence_view, user_view
 from storage.base import Record, ReceiptKind, utcnow
 
 HISTORY_DEFAULT, HISTORY_MAX = 50, 200
@@ -36,45 +37,77 @@ async def get_user(rt: Runtime, user_id: str) -> dict[str, Any]:
 
 
 # -- conversations --------------------------------------------------------------
-async def member_conversation(rt: Runtime, user_id: str, conversation_id: str) -> Record:
-    """The conversation if `user_id` belongs to it; 404 alike for absent and foreign ones."""
+def no_conversation() -> NotFound:
+    return NotFound("no such conversation", code="conversation_not_found")
+
+
+def former_entry(conversation: Record, user_id: str) -> Record | None:
+    """`{user_id, up_to_seq}` if the user left this conversation (or was removed)."""
+    return next((f for f in conversation["former"] if f["user_id"] == user_id), None)
+
+
+async def member_conversation(rt: Runtime, user_id: str, conversation_id: str, former: bool = False) -> Record:
+    """The conversation if `user_id` belongs to it (or, with `former`, did: they may
+    still read it up to when they left); 404 alike for absent and foreign ones."""
     conversation = await rt.storage.get_conversation(conversation_id)
-    if conversation is None or user_id not in conversation["participant_ids"]:
-        raise NotFound("no such conversation", code="conversation_not_found")
-    return conversation
+    if conversation is not None and (user_id in conversation["participant_ids"]
+                                     or former and former_entry(conversation, user_id)):
+        return conversation
+    raise no_conversation()
+
+
+async def membership_of(rt: Runtime, user_id: str, conversation_id: str) -> Membership:
+    """The conversation's membership if `user_id` is a member; 404 alike otherwise."""
+    membership = await rt.members.membership(conversation_id)
+    if membership is None or user_id not in membership.ids:
+        raise no_conversation()
+    return membership
 
 
 async def conversation_members(rt: Runtime, user_id: str, conversation_id: str) -> tuple[str, ...]:
     """The participant ids if `user_id` is one of them; 404 alike for absent and foreign ones."""
-    members = await rt.members.of(conversation_id)
-    if members is None or user_id not in members:
-        raise NotFound("no such conversation", code="conversation_not_found")
-    return members
+    return (await membership_of(rt, user_id, conversation_id)).ids
+
+
+async def check_reachable(rt: Runtime, user_id: str, others: list[str]) -> None:
+    """400 `unknown_participants` for ids that are nobody, deleted, or users who blocked
+    `user_id`: a blocked user cannot tell a block from a wrong id."""
+    found = {u["id"] for u in await rt.storage.get_users(others) if not u["deleted"]}
+    blockers = await rt.blocks.blockers(user_id)
+    unknown = [m for m in others if m not in found or m in blockers]
+    if unknown:
+        raise BadRequest(f"unknown participant ids: {', '.join(unknown)}", code="unknown_participants",
+                         details={"participant_ids": unknown})
 
 
 async def create_conversation(rt: Runtime, user_id: str, participant_ids: list[str],
                               title: str | None) -> tuple[dict[str, Any], bool]:
-    """A direct conversation (two people, unique per pair) or a group."""
+    """A direct conversation (two people, unique per pair) or a group. Everyone but
+    the creator gets it as a request (`conversation.request`)."""
     members = list(dict.fromkeys([user_id, *participant_ids]))
     if len(members) < 2:
         raise BadRequest("a conversation needs at least one other participant", code="too_few_participants")
     if len(members) > rt.settings.max_group_members:
         raise BadRequest(f"a conversation has at most {rt.settings.max_group_members} members",
                          code="too_many_participants")
-    found = {u["id"] for u in await rt.storage.get_users(members)}
-    unknown = [m for m in members if m not in found]
-    if unknown:
-        raise BadRequest(f"unknown participant ids: {', '.join(unknown)}", code="unknown_participants",
-                         details={"participant_ids": unknown})
+    await check_reachable(rt, user_id, members[1:])
     if len(members) == 2:
-        conversation, created = await rt.storage.get_or_create_direct(members[0], members[1])
+        conversation, created = await rt.storage.get_or_create_direct(user_id, members[1])
+        # A new request for the other side if they were not in it (new, declined, left);
+        # a conversation this process has not cached may repeat one, which is harmless.
+        known = rt.members.peek(conversation["id"])
+        invited = [members[1]] if created or (members[1] in conversation["requests"] and (
+            known is None or members[1] not in known.ids)) else []
     else:
         conversation, created = await rt.storage.create_group(user_id, members, title), True
+        invited = members[1:]
+    rt.members.remember(conversation)
+    view = await conversation_view(rt, conversation, user_id)
     if created:
-        view = await conversation_view(rt, conversation, user_id)
-        rt.hub.publish(members, "conversation.new", view)
-        return view, True
-    return await conversation_view(rt, conversation, user_id), False
+        rt.hub.publish([user_id], "conversation.new", view)
+    for invitee in invited:
+        rt.hub.publish([invitee], "conversation.request", await conversation_view(rt, conversation, invitee))
+    return view, created
 
 
 async def conversation_view(rt: Runtime, conversation: Record, viewer_id: str) -> dict[str, Any]:
@@ -87,30 +120,48 @@ async def conversation_views(rt: Runtime, conversations: list[Record], viewer_id
     member_ids = list(dict.fromkeys(m for c in conversations for m in c["participant_ids"]))
     users = {u["id"]: u for u in await rt.storage.get_users(member_ids)}
     presences = await rt.storage.get_presences(member_ids)
-    return [await _conversation_view(rt, c, viewer_id, users, presences) for c in conversations]
+    viewer_contacts = await rt.storage.contact_ids(viewer_id)
+    return [await _conversation_view(rt, c, viewer_id, users, presences, viewer_contacts) for c in conversations]
 
 
 async def _conversation_view(rt: Runtime, conversation: Record, viewer_id: str, users: dict[str, Record],
-                             presences: dict[str, Record]) -> dict[str, Any]:
+                             presences: dict[str, Record], viewer_contacts: set[str]) -> dict[str, Any]:
+    admins = set(conversation["admins"])
+
+    def shown_presence(user: Record) -> dict[str, Any] | None:
+        if user["deleted"]:
+            return presence_view(user["id"], "offline", None)
+        if user["id"] != viewer_id and user["id"] not in viewer_contacts:
+            return None  # the contact boundary: not "offline", just not yours to see
+        return presence.shown(rt, user["id"], presences.get(user["id"]))
+
     participants = [{**{k: v for k, v in user_view(user).items() if k != "created_at"},
-                     "presence": presence_view(user["id"], "offline", None) if user["deleted"]
-                     else presence.shown(rt, user["id"], presences.get(user["id"]))}
+                     "role": "admin" if user["id"] in admins else "member", "presence": shown_presence(user)}
                     for user in (users.get(m) for m in conversation["participant_ids"]) if user is not None]
+    former = former_entry(conversation, viewer_id) if viewer_id not in conversation["participant_ids"] else None
+    if former is not None:
+        membership: dict[str, Any] = {"state": "left", "role": "member", "up_to_seq": former["up_to_seq"]}
+    else:
+        membership = {"state": "request" if viewer_id in conversation["requests"] else "accepted",
+                      "role": "admin" if viewer_id in admins else "member"}
     receipt = (await rt.storage.get_receipts(conversation["id"])).get(viewer_id)
     read_seq = receipt["read_seq"] if receipt else 0
+    visible_seq = former["up_to_seq"] if former else conversation["last_seq"]
     unread = (await rt.storage.count_unread(conversation["id"], viewer_id, read_seq)
-              if conversation["last_seq"] > read_seq else 0)
+              if visible_seq > read_seq and former is None else 0)
     last = conversation["last_message"]
+    if former is not None and last is not None and last["seq"] > former["up_to_seq"]:
+        last = None  # sent after they left
     return {"id": conversation["id"], "kind": conversation["kind"], "title": conversation["title"],
             "created_by": conversation["created_by"], "created_at": iso(conversation["created_at"]),
             "last_activity_at": iso(conversation["last_activity_at"]),
-            "last_seq": conversation["last_seq"], "participants": participants,
+            "last_seq": visible_seq, "participants": participants, "membership": membership,
             "last_message": message_view(last) if last else None, "unread_count": unread}
 
 
-async def list_conversations(rt: Runtime, user_id: str, limit: int,
-                             before: tuple[datetime, str] | None) -> dict[str, Any]:
-    conversations = await rt.storage.list_conversations(user_id, limit + 1, before)
+async def list_conversations(rt: Runtime, user_id: str, limit: int, before: tuple[datetime, str] | None,
+                             filter: str = "accepted") -> dict[str, Any]:
+    conversations = await rt.storage.list_conversations(user_id, limit + 1, before, filter=filter)
     page = conversations[:limit]
     cursor = page_cursor(page[-1]["last_activity_at"], page[-1]["id"]) if len(conversations) > limit else None
     return {"conversations": await conversation_views(rt, page, user_id), "next_before": cursor}
@@ -138,7 +189,13 @@ async def send_message(rt: Runtime, user_id: str, conversation_id: str, client_m
     connections but the one it came from.
     """
     data = decode_ciphertext(rt, ciphertext)
-    members = await conversation_members(rt, user_id, conversation_id)
+    membership = await membership_of(rt, user_id, conversation_id)
+    if membership.kind == "direct" and len(membership.ids) < 2:
+        raise Conflict("the other side left this conversation", code="conversation_closed")
+    if user_id in membership.requests:  # replying accepts
+        from kisse import membership as changes
+        await changes.accept(rt, user_id, conversation_id)
+    members = membership.ids
     content = ({"size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "inline": True}
                if data is not None else None)
     key = (user_id, client_message_id)
@@ -162,7 +219,9 @@ async def send_message(rt: Runtime, user_id: str, conversation_id: str, client_m
     if created:
         rt.metrics.messages.inc()
     if created or republish:
-        rt.hub.publish(members, "message.new", view, exclude_conn=origin_conn)
+        blockers = await rt.blocks.blockers(user_id)
+        audience = [m for m in members if m not in blockers] if blockers else members
+        rt.hub.publish(audience, "message.new", view, exclude_conn=origin_conn)
     return view, created
 
 
@@ -172,51 +231,80 @@ async def repair_sends(rt: Runtime) -> int:
     repaired = await rt.storage.repair_sends(older_than, set(rt.sending))
     for message in repaired:
         members = await rt.members.of(message["conversation_id"])
+        blockers = await rt.blocks.blockers(message["sender_id"])
         rt.metrics.messages.inc()
-        rt.hub.publish(members or (), "message.new", message_view(message))
+        rt.hub.publish([m for m in members or () if m not in blockers], "message.new", message_view(message))
     return len(repaired)
 
 
-async def member_message(rt: Runtime, user_id: str, message_id: str) -> tuple[Record, tuple[str, ...]]:
-    """`(message, its conversation's members)` if the user is a member; 404 alike otherwise."""
+async def member_message(rt: Runtime, user_id: str, message_id: str) -> tuple[Record, Membership]:
+    """`(message, its conversation's membership)` if the user is a member; 404 alike otherwise."""
     message = await rt.storage.get_message(message_id)
     if message is not None:
-        members = await rt.members.of(message["conversation_id"])
-        if members is not None and user_id in members:
-            return message, members
+        membership = await rt.members.membership(message["conversation_id"])
+        if membership is not None and user_id in membership.ids:
+            return message, membership
     raise NotFound("no such message", code="message_not_found")
+
+
+async def visible_to(rt: Runtime, viewer_id: str) -> Any:
+    """`view(message)` as `viewer_id` gets it: a sender they blocked shows as a tombstone."""
+    hidden = await rt.blocks.blocked(viewer_id)
+
+    def view(message: Record) -> dict[str, Any]:
+        if hidden and message["sender_id"] in hidden and not message.get("tombstone"):
+            return blocked_view(message)
+        return message_view(message)
+    return view
 
 
 async def history(rt: Runtime, user_id: str, conversation_id: str, before: int | None,
                   after: int | None, limit: int) -> dict[str, Any]:
+    """A page of history; someone who left reads up to the seq that was last when they did."""
     if before is not None and after is not None:
         raise BadRequest("give before or after, not both", code="invalid_query")
-    await conversation_members(rt, user_id, conversation_id)
+    conversation = await member_conversation(rt, user_id, conversation_id, former=True)
+    former = former_entry(conversation, user_id) if user_id not in conversation["participant_ids"] else None
+    if former is not None:
+        cap = former["up_to_seq"] + 1
+        before = cap if before is None and after is None else before
+        before = min(before, cap) if before is not None else None
     messages, more = await rt.storage.list_messages(conversation_id, before=before, after=after, limit=limit)
-    return {"messages": [message_view(m) for m in messages], "has_more": more}
+    if former is not None and after is not None:
+        more = more and messages[-1]["seq"] < former["up_to_seq"]
+        messages = [m for m in messages if m["seq"] <= former["up_to_seq"]]
+    view = await visible_to(rt, user_id)
+    return {"messages": [view(m) for m in messages], "has_more": more}
 
 
 # -- receipts -------------------------------------------------------------------
 async def mark(rt: Runtime, user_id: str, message_id: str, kind: ReceiptKind,
                origin_conn: str | None = None) -> dict[str, Any]:
-    """Move the caller's delivered/read cursor up to this message; tell the members live
-    (all their connections but `origin_conn`, whose reply carries the receipt)."""
-    message, members = await member_message(rt, user_id, message_id)
+    """Move the caller's delivered/read cursor up to this message; tell the message's
+    sender (if both accepted the conversation and neither blocks the other) and the
+    caller's other devices (all connections but `origin_conn`, whose reply carries it)."""
+    message, membership = await member_message(rt, user_id, message_id)
     conversation_id = message["conversation_id"]
     receipt, moved = await rt.storage.advance_receipt(conversation_id, user_id, kind, message["seq"])
     event = {"conversation_id": conversation_id, **receipt}
     if moved:
-        rt.hub.publish(members, "message.receipt", event, exclude_conn=origin_conn)
+        sender = message["sender_id"]
+        told = [user_id]
+        if sender and sender != user_id and sender in await contacts.audience(rt, membership, user_id):
+            told.append(sender)
+        rt.hub.publish(told, "message.receipt", event, exclude_conn=origin_conn)
     return event
 
 
 async def message_receipts(rt: Runtime, user_id: str, message_id: str) -> dict[str, Any]:
-    """Per member (but the sender): has this message been delivered, read?"""
-    message, member_ids = await member_message(rt, user_id, message_id)
+    """Per member who has accepted the conversation (but the sender and anyone blocked
+    either way): has this message been delivered, read?"""
+    message, membership = await member_message(rt, user_id, message_id)
     cursors = await rt.storage.get_receipts(message["conversation_id"])
+    cut = await rt.blocks.either_way(user_id)
     members = []
-    for member_id in member_ids:
-        if member_id == message["sender_id"]:
+    for member_id in membership.ids:
+        if member_id == message["sender_id"] or member_id in membership.requests or member_id in cut:
             continue
         cursor = cursors.get(member_id, {"delivered_seq": 0, "read_seq": 0})
         members.append({"user_id": member_id, "delivered": cursor["delivered_seq"] >= message["seq"],

@@ -11,6 +11,7 @@ from storage.base import Storage
 
 if TYPE_CHECKING:
     from kisse.calls import CallTimers
+    from kisse.contacts import Blocks
     from kisse.members import Members
     from kisse.metrics import Metrics
     from kisse.presence import PresenceTracker
@@ -35,6 +36,7 @@ class Runtime:
     metrics: "Metrics" = field(init=False)
     typing: "TypingTracker" = field(init=False)
     members: "Members" = field(init=False)
+    blocks: "Blocks" = field(init=False)
     # REST requests being served now; shutdown waits for them.
     inflight: int = 0
     # Messages whose content is being uploaded to this process right now.

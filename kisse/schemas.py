@@ -33,6 +33,12 @@ CREATE_CONVERSATION = obj({"participant_ids": {"type": "array", "items": ID, "mi
                                                "maxItems": MAX_PARTICIPANTS},
                            "title": {"type": ["string", "null"], "maxLength": 128}},
                           ("participant_ids",))
+MAX_ADDED = 256  # members one request may add
+ROLES = ("admin", "member")
+CONVERSATION_FILTERS = ("accepted", "requests", "all")
+ADD_MEMBERS = obj({"user_ids": {"type": "array", "items": ID, "minItems": 1, "maxItems": MAX_ADDED}}, ("user_ids",))
+SET_ROLE = obj({"role": {"enum": list(ROLES)}}, ("role",))
+UPDATE_CONVERSATION = obj({"title": CREATE_CONVERSATION["properties"]["title"]})
 SEND_MESSAGE = obj({"conversation_id": ID, "client_message_id": CLIENT_MESSAGE_ID,
                     "ciphertext": {"type": ["string", "null"]}},
                    ("conversation_id", "client_message_id"))

@@ -1,9 +1,10 @@
-"""Typing indicators: relayed to the conversation's other members, expired by the server."""
+"""Typing indicators: relayed to the conversation's other members (those the contact
+boundary lets hear it, kisse/contacts.py), expired by the server."""
 from __future__ import annotations
 
 import asyncio
 
-from kisse import messaging
+from kisse import contacts, messaging
 from kisse.hub import Connection
 from kisse.runtime import Runtime
 
@@ -18,12 +19,12 @@ class TypingTracker:
         rt.hub.on_connection_closed.append(self._connection_closed)
 
     async def start(self, user_id: str, conn_id: str, conversation_id: str) -> dict[str, str]:
-        members = await messaging.conversation_members(self.rt, user_id, conversation_id)
+        membership = await messaging.membership_of(self.rt, user_id, conversation_id)
         key = (conversation_id, user_id)
         previous = self._active.pop(key, None)
         if previous:
             previous[2].cancel()
-        others = [m for m in members if m != user_id]
+        others = await contacts.audience(self.rt, membership, user_id)
         timer = asyncio.get_running_loop().call_later(
             self.rt.settings.typing_timeout, self._expire, key)
         self._active[key] = (conn_id, others, timer)

@@ -62,6 +62,13 @@ def message_view(message: Record) -> dict[str, Any]:
             "tombstone": message.get("tombstone")}
 
 
+def blocked_view(message: Record) -> dict[str, Any]:
+    """A message from someone the viewer blocked: its seq, nothing of it."""
+    return {"id": message["id"], "conversation_id": message["conversation_id"], "sender_id": None,
+            "seq": message["seq"], "client_message_id": None, "created_at": iso(message["created_at"]),
+            "content": None, "ciphertext": None, "tombstone": "blocked"}
+
+
 def call_view(call: Record) -> dict[str, Any]:
     ended, answered = call["ended_at"], call["answered_at"]
     duration = (ended - answered).total_seconds() if ended and answered else None

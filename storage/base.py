@@ -178,28 +178,80 @@ class Storage(ABC):
         with session `keep_session`; return those deleted."""
 
     # -- conversations -------------------------------------------------------
+    # A conversation's members are `participant_ids` (in the order they joined);
+    # `requests` are the members who have not accepted it yet; `admins` run a
+    # group; `former` is `[{user_id, up_to_seq}]`: who left (or was removed,
+    # or declined) and the last seq they may still read. Every change of
+    # membership is one atomic step, so racing changes never lose one another.
     @abstractmethod
-    async def get_or_create_direct(self, user_a: str, user_b: str) -> tuple[Record, bool]:
-        """The one direct conversation of a pair, created if needed: `(conv, created)`."""
+    async def get_or_create_direct(self, creator_id: str, other_id: str) -> tuple[Record, bool]:
+        """The one direct conversation of a pair, created if needed: `(conv, created)`.
+        Afterwards both are members and the creator has accepted it (creating it
+        again accepts a pending request, or re-joins it); the other, if they
+        were not a member (new, declined, left), is one now with a request."""
 
     @abstractmethod
     async def create_group(self, creator_id: str, participant_ids: list[str], title: str | None) -> Record:
-        """A new group conversation; `participant_ids` includes the creator."""
+        """A new group; `participant_ids` includes the creator, its admin, who has
+        accepted it; everyone else gets a request."""
 
     @abstractmethod
     async def get_conversation(self, conversation_id: str) -> Record | None:
-        """`{id, kind, participant_ids, title, created_by, created_at,
-        last_activity_at, last_seq, last_message}`."""
+        """`{id, kind, participant_ids, requests, admins, former, title, created_by,
+        created_at, last_activity_at, last_seq, last_message}`."""
 
     @abstractmethod
-    async def list_conversations(self, user_id: str, limit: int,
-                                 before: tuple[datetime, str] | None = None) -> list[Record]:
+    async def list_conversations(self, user_id: str, limit: int, before: tuple[datetime, str] | None = None,
+                                 filter: str = "all") -> list[Record]:
         """A member's conversations, most recent activity first (ties by id,
-        descending); `before` is the `(last_activity_at, id)` of the previous page's last."""
+        descending); `before` is the `(last_activity_at, id)` of the previous page's
+        last; `filter` "accepted", "requests" (pending for this user) or "all"."""
+
+    @abstractmethod
+    async def accept_conversation(self, conversation_id: str, user_id: str) -> Record | None:
+        """The member has accepted it (no-op if they had); None if not a member."""
+
+    @abstractmethod
+    async def leave_conversation(self, conversation_id: str, user_id: str) -> Record | None:
+        """The member is out (left, removed or declined): not a member, not a request,
+        not an admin; in `former` with the conversation's `last_seq`. A group whose
+        last admin left gets one: its longest-standing member who has accepted (else
+        its longest-standing member). None if they were not a member."""
+
+    @abstractmethod
+    async def add_members(self, conversation_id: str, user_ids: list[str],
+                          max_members: int) -> tuple[Record, list[str]] | None:
+        """Add these users as members with a request (members already are skipped):
+        `(conversation, the ids added)`. None if there is no such conversation;
+        ValueError (nothing added) if there would be more than `max_members`."""
+
+    @abstractmethod
+    async def set_admin(self, conversation_id: str, user_id: str, admin: bool) -> Record | None:
+        """Make a member an admin of the group, or not; None if not a member."""
+
+    @abstractmethod
+    async def set_title(self, conversation_id: str, title: str | None) -> Record | None: ...
 
     @abstractmethod
     async def contact_ids(self, user_id: str) -> set[str]:
-        """Everyone who shares at least one conversation with the user (not the user)."""
+        """The user's contacts: everyone who shares a conversation with them that
+        both have accepted, unless either blocked the other (kisse/contacts.py)."""
+
+    # -- blocks ----------------------------------------------------------------
+    @abstractmethod
+    async def block_user(self, blocker_id: str, blocked_id: str) -> None:
+        """Idempotent; the first time is the one `blocked_at` keeps."""
+
+    @abstractmethod
+    async def unblock_user(self, blocker_id: str, blocked_id: str) -> None: ...
+
+    @abstractmethod
+    async def list_blocks(self, blocker_id: str) -> list[Record]:
+        """`[{user_id, blocked_at}]` of whom the user blocked, newest first."""
+
+    @abstractmethod
+    async def blockers_of(self, user_id: str) -> set[str]:
+        """Who has blocked this user."""
 
     # -- messages ------------------------------------------------------------
     @abstractmethod
@@ -228,6 +280,10 @@ class Storage(ABC):
         return the messages this made visible (to publish). Default: a backend
         whose sends are atomic has nothing to repair."""
         return []
+
+    @abstractmethod
+    async def senders_between(self, conversation_id: str, after_seq: int, up_to_seq: int) -> set[str]:
+        """Who sent the messages numbered `after_seq + 1 .. up_to_seq` (tombstones aside)."""
 
     @abstractmethod
     async def get_message(self, message_id: str) -> Record | None: ...

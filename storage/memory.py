@@ -98,6 +98,8 @@ class MemoryStorage(Storage):
         self._by_conversation: dict[str, list[Record]] = {}  # index = seq - 1
         self._by_client_id: dict[tuple[str, str], str] = {}
         self._receipts: dict[str, dict[str, Record]] = {}
+        self._blocks: dict[str, dict[str, datetime]] = {}  # blocker -> blocked -> when
+        self._blockers: dict[str, set[str]] = {}          # blocked -> blockers
         self._blobs: dict[str, tuple[list[bytes], int]] = {}
         self._presence: dict[str, Record] = {}
         self._calls: dict[str, Record] = {}
@@ -242,6 +244,8 @@ class MemoryStorage(Storage):
                           title: str | None) -> Record:
         now = utcnow()
         conversation = {"id": new_id(), "kind": kind, "participant_ids": list(participant_ids),
+                        "requests": [m for m in participant_ids if m != creator_id],
+                        "admins": [creator_id] if kind == "group" else [], "former": [],
                         "title": title, "created_by": creator_id, "created_at": now,
                         "last_activity_at": now, "last_seq": 0, "last_message": None}
         self._conversations[conversation["id"]] = conversation
@@ -250,14 +254,28 @@ class MemoryStorage(Storage):
             self._member_of.setdefault(user_id, set()).add(conversation["id"])
         return conversation
 
-    async def get_or_create_direct(self, user_a: str, user_b: str) -> tuple[Record, bool]:
-        pair = (min(user_a, user_b), max(user_a, user_b))
+    def _join(self, conversation: Record, user_id: str, request: bool) -> None:
+        conversation["participant_ids"].append(user_id)
+        if request:
+            conversation["requests"].append(user_id)
+        conversation["former"] = [f for f in conversation["former"] if f["user_id"] != user_id]
+        self._member_of.setdefault(user_id, set()).add(conversation["id"])
+
+    async def get_or_create_direct(self, creator_id: str, other_id: str) -> tuple[Record, bool]:
+        pair = (min(creator_id, other_id), max(creator_id, other_id))
         existing = self._direct.get(pair)
-        if existing is not None:
-            return _copy(self._conversations[existing]), False
-        conversation = self._new_conversation("direct", user_a, list(pair), None)
-        self._direct[pair] = conversation["id"]
-        return _copy(conversation), True
+        if existing is None:
+            conversation = self._new_conversation("direct", creator_id, [creator_id, other_id], None)
+            self._direct[pair] = conversation["id"]
+            return _copy(conversation), True
+        conversation = self._conversations[existing]
+        if creator_id in conversation["participant_ids"]:
+            conversation["requests"] = [m for m in conversation["requests"] if m != creator_id]
+        else:
+            self._join(conversation, creator_id, request=False)
+        if other_id not in conversation["participant_ids"]:
+            self._join(conversation, other_id, request=True)
+        return _copy(conversation), False
 
     async def create_group(self, creator_id: str, participant_ids: list[str], title: str | None) -> Record:
         return _copy(self._new_conversation("group", creator_id, participant_ids, title))
@@ -266,21 +284,93 @@ class MemoryStorage(Storage):
         conversation = self._conversations.get(conversation_id)
         return _copy(conversation) if conversation else None
 
-    async def list_conversations(self, user_id: str, limit: int,
-                                 before: tuple[datetime, str] | None = None) -> list[Record]:
-        keyed = sorted(((c["last_activity_at"], c["id"]) for c in
-                        (self._conversations[i] for i in self._member_of.get(user_id, ()))),
-                       reverse=True)
+    async def list_conversations(self, user_id: str, limit: int, before: tuple[datetime, str] | None = None,
+                                 filter: str = "all") -> list[Record]:
+        mine = (self._conversations[i] for i in self._member_of.get(user_id, ()))
+        if filter != "all":
+            mine = (c for c in mine if (user_id in c["requests"]) == (filter == "requests"))
+        keyed = sorted(((c["last_activity_at"], c["id"]) for c in mine), reverse=True)
         if before is not None:
             keyed = [k for k in keyed if k < before]
         return [_copy(self._conversations[cid]) for _, cid in keyed[:limit]]
 
+    def _member(self, conversation_id: str, user_id: str) -> Record | None:
+        conversation = self._conversations.get(conversation_id)
+        return conversation if conversation and user_id in conversation["participant_ids"] else None
+
+    async def accept_conversation(self, conversation_id: str, user_id: str) -> Record | None:
+        conversation = self._member(conversation_id, user_id)
+        if conversation is None:
+            return None
+        conversation["requests"] = [m for m in conversation["requests"] if m != user_id]
+        return _copy(conversation)
+
+    async def leave_conversation(self, conversation_id: str, user_id: str) -> Record | None:
+        conversation = self._member(conversation_id, user_id)
+        if conversation is None:
+            return None
+        members = [m for m in conversation["participant_ids"] if m != user_id]
+        requests = [m for m in conversation["requests"] if m != user_id]
+        admins = [m for m in conversation["admins"] if m != user_id]
+        if conversation["kind"] == "group" and not admins and members:
+            admins = [next((m for m in members if m not in requests), members[0])]
+        conversation.update(participant_ids=members, requests=requests, admins=admins, former=[
+            *(f for f in conversation["former"] if f["user_id"] != user_id),
+            {"user_id": user_id, "up_to_seq": conversation["last_seq"]}])
+        self._member_of.get(user_id, set()).discard(conversation_id)
+        return _copy(conversation)
+
+    async def add_members(self, conversation_id: str, user_ids: list[str],
+                          max_members: int) -> tuple[Record, list[str]] | None:
+        conversation = self._conversations.get(conversation_id)
+        if conversation is None:
+            return None
+        added = [u for u in dict.fromkeys(user_ids) if u not in conversation["participant_ids"]]
+        if len(conversation["participant_ids"]) + len(added) > max_members:
+            raise ValueError("too many members")
+        for user_id in added:
+            self._join(conversation, user_id, request=True)
+        return _copy(conversation), added
+
+    async def set_admin(self, conversation_id: str, user_id: str, admin: bool) -> Record | None:
+        conversation = self._member(conversation_id, user_id)
+        if conversation is None:
+            return None
+        admins = [m for m in conversation["admins"] if m != user_id]
+        conversation["admins"] = [*admins, user_id] if admin else admins
+        return _copy(conversation)
+
+    async def set_title(self, conversation_id: str, title: str | None) -> Record | None:
+        conversation = self._conversations.get(conversation_id)
+        if conversation is None:
+            return None
+        conversation["title"] = title
+        return _copy(conversation)
+
     async def contact_ids(self, user_id: str) -> set[str]:
         contacts: set[str] = set()
         for conversation_id in self._member_of.get(user_id, ()):
-            contacts.update(self._conversations[conversation_id]["participant_ids"])
+            conversation = self._conversations[conversation_id]
+            if user_id not in conversation["requests"]:
+                contacts.update(m for m in conversation["participant_ids"] if m not in conversation["requests"])
         contacts.discard(user_id)
-        return contacts
+        return contacts - self._blocks.get(user_id, {}).keys() - self._blockers.get(user_id, set())
+
+    # -- blocks ----------------------------------------------------------------
+    async def block_user(self, blocker_id: str, blocked_id: str) -> None:
+        self._blocks.setdefault(blocker_id, {}).setdefault(blocked_id, utcnow())
+        self._blockers.setdefault(blocked_id, set()).add(blocker_id)
+
+    async def unblock_user(self, blocker_id: str, blocked_id: str) -> None:
+        self._blocks.get(blocker_id, {}).pop(blocked_id, None)
+        self._blockers.get(blocked_id, set()).discard(blocker_id)
+
+    async def list_blocks(self, blocker_id: str) -> list[Record]:
+        blocks = sorted(self._blocks.get(blocker_id, {}).items(), key=lambda b: b[1], reverse=True)
+        return [{"user_id": user_id, "blocked_at": at} for user_id, at in blocks]
+
+    async def blockers_of(self, user_id: str) -> set[str]:
+        return set(self._blockers.get(user_id, ()))
 
     # -- messages ------------------------------------------------------------
     async def add_message(self, conversation_id: str, sender_id: str, client_message_id: str,
@@ -301,6 +391,10 @@ class MemoryStorage(Storage):
                             last_message=_metadata(message))
         faults.point("memory.send.stored")
         return _copy(message), True
+
+    async def senders_between(self, conversation_id: str, after_seq: int, up_to_seq: int) -> set[str]:
+        log = self._by_conversation.get(conversation_id, [])
+        return {m["sender_id"] for m in log[max(after_seq, 0):max(up_to_seq, 0)] if m["sender_id"]}
 
     async def get_message(self, message_id: str) -> Record | None:
         message = self._messages.get(message_id)

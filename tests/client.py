@@ -22,6 +22,7 @@ class Api:
     def __init__(self, http_client: AsyncHTTPClient, base_url: str) -> None:
         self.http = http_client
         self.base_url = base_url
+        self.tokens: dict[str, str] = {}  # user id -> the token register gave, to act as them
 
     async def call(self, method: str, path: str, token: str | None = None, body: Any = None,
                    raw: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, Any]:
@@ -54,15 +55,23 @@ class Api:
         status, body = await self.call("POST", "/api/auth/register", body={"username": name, "password": password,
                                                                            **extra})
         assert status == 201, body
+        self.tokens[body["user"]["id"]] = body["token"]
         return body
 
     async def login(self, name: str, password: str = "password123", **extra: Any) -> tuple[int, Any]:
         return await self.call("POST", "/api/auth/login", body={"username": name, "password": password, **extra})
 
-    async def conversation(self, token: str, *others: dict, title: str | None = None) -> dict:
+    async def conversation(self, token: str, *others: dict, title: str | None = None, accepted: bool = True) -> dict:
+        """A conversation of the token's user with `others`; by default every one of them
+        accepts it at once (people who know each other), else it is a request for them."""
         status, body = await self.call("POST", "/api/conversations", token,
                                        {"participant_ids": [o["id"] for o in others], "title": title})
         assert status in (200, 201), body
+        if accepted:
+            for other in others:
+                answer = await self.call("POST", f"/api/conversations/{body['conversation']['id']}/accept",
+                                         self.tokens[other["id"]])
+                assert answer[0] == 200, answer
         return body["conversation"]
 
     async def send(self, token: str, conversation_id: str, client_id: str, ciphertext: str | None = None) -> dict:

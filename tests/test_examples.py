@@ -77,6 +77,7 @@ def test_quickstart_sh(base_url):
         f"== 0. server at {base_url}", "ok",
         "== 1. register alice_", "alice id=", "bob   id=",
         "== 2. alice creates a direct conversation with bob", "kind=direct",
+        "bob accepts the request: state=accepted",
         "== 3. alice sends a message", "seq=1 client_message_id=",
         "== 4. bob reads the conversation history", "seq=1 from=",
         "ciphertext=cHJldGVuZCB0aGlzIGlzIGVuY3J5cHRlZA==",
@@ -94,6 +95,7 @@ def test_quickstart_py(base_url):
     assert_lines_in_order(result.stdout, [
         "== 1. register alice and bob (REST)",
         "== 2. alice creates a direct conversation with bob (REST)", "kind=direct",
+        "bob accepts the request: state=accepted",
         "== 3. both open the WebSocket and sync",
         "alice: WebSocket open", "bob: WebSocket open",
         "alice <- ack sync: 0 message(s)", "bob <- ack sync: 0 message(s)",

@@ -135,7 +135,7 @@ def seed(live: Live) -> tuple[str, dict[str, list[str]]]:
                         "ciphertext": "AAECAwQFBgc="})["message"]["id"]
     calls = [live.json("POST", "/api/calls", token, {"callee_id": peer, "media": "audio"})["call"]["id"],
              live.json("POST", "/api/calls", users["peer"]["token"],
-                       {"callee_id": stranger, "media": "video"}, expect=(201, 404)).get("call", {}).get("id")]
+                       {"callee_id": stranger, "media": "video"}, expect=(201, 403)).get("call", {}).get("id")]
     ids = {
         "user_id": [me, peer, stranger],
         "conversation_id": [direct, group],

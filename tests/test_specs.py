@@ -88,6 +88,7 @@ HTTP_METHODS = ("get", "post", "put", "patch", "delete", "head", "options")
 NOT_IN_OPENAPI = {"/ws"}
 # Frames the server sends: replies, then pushed events.
 SERVER_FRAMES = ("ack", "error", "pong", "message.new", "message.receipt", "conversation.new",
+                 "conversation.request", "conversation.updated", "member.added", "member.removed",
                  "typing.start", "typing.stop", "presence", "call.incoming", "call.state",
                  "call.answered_elsewhere", "call.offer", "call.answer", "call.ice", "call.hangup",
                  "user.deleted")
@@ -536,8 +537,32 @@ async def test_live_rest_responses_match_openapi(api) -> None:
     assert status == 201
     conv = body["conversation"]
     assert (await c.call("POST", "/api/conversations", ta, body={"participant_ids": [bob["id"]]}))[0] == 200
-    assert (await c.call("POST", "/api/conversations", ta,
-                         body={"participant_ids": [bob["id"], carol["id"]], "title": "g"}))[0] == 201
+    status, body = await c.call("POST", "/api/conversations", ta,
+                                body={"participant_ids": [bob["id"], carol["id"]], "title": "g"})
+    assert status == 201
+    group = body["conversation"]
+    assert (await c.call("GET", "/api/conversations?filter=requests", tb))[0] == 200
+    assert (await c.call("GET", "/api/conversations?filter=nope", tb))[0] == 400
+    assert (await c.call("POST", f"/api/conversations/{conv['id']}/accept", tb))[0] == 200
+    assert (await c.call("POST", f"/api/conversations/{group['id']}/accept", tb, body={}))[0] == 200
+    assert (await c.call("POST", f"/api/conversations/{group['id']}/accept", tc))[0] == 200
+    assert (await c.call("POST", f"/api/conversations/{conv['id']}/decline", tb))[0] == 409
+    assert (await c.call("PATCH", f"/api/conversations/{group['id']}", ta, body={"title": "g2"}))[0] == 200
+    assert (await c.call("PATCH", f"/api/conversations/{group['id']}", tb, body={"title": "g3"}))[0] == 403
+    assert (await c.call("PATCH", f"/api/conversations/{group['id']}/members/{carol['id']}", ta,
+                         body={"role": "admin"}))[0] == 200
+    assert (await c.call("PATCH", f"/api/conversations/{conv['id']}/members/{bob['id']}", ta,
+                         body={"role": "admin"}))[0] == 409
+    _, fay = await c.call("POST", "/api/auth/register", body={"username": "spec_fay", "password": "password123"})
+    members = f"/api/conversations/{group['id']}/members"
+    assert (await c.call("POST", members, ta, body={"user_ids": [fay["user"]["id"]]}))[0] == 200
+    assert (await c.call("POST", members, ta, body={"user_ids": ["ghost"]}))[0] == 400
+    assert (await c.call("DELETE", f"{members}/{fay['user']['id']}", ta))[0] == 204
+    assert (await c.call("DELETE", f"{members}/{fay['user']['id']}", ta))[0] == 404
+    assert (await c.call("POST", f"/api/users/{fay['user']['id']}/block", tb))[0] == 204
+    assert (await c.call("POST", f"/api/users/{bob['id']}/block", tb))[0] == 400
+    assert (await c.call("GET", "/api/blocks", tb))[0] == 200
+    assert (await c.call("DELETE", f"/api/users/{fay['user']['id']}/block", tb))[0] == 204
     assert (await c.call("POST", "/api/conversations", ta, body={"participant_ids": ["ghost"]}))[0] == 400
     assert (await c.call("POST", "/api/conversations", ta, body={}))[0] == 400
     assert (await c.call("GET", "/api/conversations?limit=1", ta))[1]["next_before"] is not None
@@ -592,7 +617,7 @@ async def test_live_rest_responses_match_openapi(api) -> None:
     _, body = await c.call("POST", "/api/calls", ta, body={"callee_id": bob["id"], "media": "audio"})
     call = body["call"]
     assert (await c.call("POST", "/api/calls", tc, body={"callee_id": bob["id"], "media": "video"}))[1]["call"]["status"] == "busy"
-    assert (await c.call("POST", "/api/calls", ta, body={"callee_id": dave["user"]["id"], "media": "audio"}))[0] == 404
+    assert (await c.call("POST", "/api/calls", ta, body={"callee_id": dave["user"]["id"], "media": "audio"}))[0] == 403
     assert (await c.call("GET", "/api/calls/active", tb))[0] == 200
     assert (await c.call("GET", f"/api/calls/{call['id']}", tb))[0] == 200
     assert (await c.call("GET", "/api/calls/turn", ta))[0] == 200  # a party to a live call
@@ -708,7 +733,14 @@ async def test_live_ws_frames_match_asyncapi(api, ws_url) -> None:
         await event(a, "presence")
         group = await api.conversation(ta, bob, (await api.register())[1], title="t")
         assert group["kind"] == "group"
-        await event(b, "conversation.new")
+        await event(b, "conversation.request")
+        await event(b, "conversation.updated")  # bob's own accept
+        _, newcomer = await api.register()
+        await api.call("POST", f"/api/conversations/{group['id']}/members", ta, {"user_ids": [newcomer["id"]]})
+        await event(b, "member.added")
+        await api.call("DELETE", f"/api/conversations/{group['id']}/members/{newcomer['id']}", ta)
+        await event(b, "member.removed")
+        await event(a, "conversation.new")
         b2 = await Ws.connect(ws_url, tb)
         try:
             call = (await req(a, "call.start", {"callee_id": bob["id"], "media": "video"}))["data"]["call"]

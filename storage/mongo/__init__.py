@@ -5,7 +5,9 @@ driver used here. One `MongoStorage(url)` per process: the database comes from
 the URL path (default `kisse`). Collections:
 
 * `users` - `_id`, username, `username_lower` (unique), display_name, password_hash, created_at
-* `conversations` - the conversation record plus `direct_key` ("<a>:<b>", unique, direct only)
+* `conversations` - the conversation record (membership included, see
+  `storage.mongo.conversations`) plus `direct_key` ("<a>:<b>", unique, direct only)
+* `blocks` - one document per (blocker, blocked), `_id` "<blocker>:<blocked>"
 * `messages` - message records (pending ones have `pending_since` and no `seq`, see
   `storage.mongo.messages`); unique `(conversation_id, seq)` and `(sender_id, client_message_id)`
 * `receipts` - one cursor document per (conversation, user), `_id` "<conversation>:<user>"
@@ -16,7 +18,7 @@ the URL path (default `kisse`). Collections:
 * GridFS bucket `encrypted_content` - blobs (see `storage.mongo.blobs`)
 
 Writes that hand out numbers or decide races (conversations, messages,
-calls, call_lines) use majority write concern unless the URL
+calls, call_lines, devices, blocks) use majority write concern unless the URL
 sets `w=`, so a failover cannot roll back a seq or a call transition.
 """
 from __future__ import annotations
@@ -39,6 +41,7 @@ from storage.base import (
 )
 from storage.mongo import blobs, migrations, records
 from storage.mongo.calls import CallsMixin
+from storage.mongo.conversations import ConversationsMixin
 from storage.mongo.devices import DevicesMixin
 from storage.mongo.messages import MessagesMixin
 
@@ -56,7 +59,7 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "retryReads": True,
     "appname": "kisse",
 }
-CRITICAL_COLLECTIONS = ("conversations", "messages", "calls", "call_lines", "devices")
+CRITICAL_COLLECTIONS = ("conversations", "messages", "calls", "call_lines", "devices", "blocks")
 
 
 def client_options(url: str) -> dict[str, Any]:
@@ -94,7 +97,7 @@ def bounded(cls: type) -> type:
 
 
 @bounded
-class MongoStorage(MessagesMixin, CallsMixin, DevicesMixin, Storage):
+class MongoStorage(ConversationsMixin, MessagesMixin, CallsMixin, DevicesMixin, Storage):
     """Kisse's storage on MongoDB (or anything speaking its wire protocol)."""
 
     unavailable_errors = (
@@ -128,6 +131,7 @@ class MongoStorage(MessagesMixin, CallsMixin, DevicesMixin, Storage):
         self._calls = collection("calls")
         self._devices = collection("devices")
         self._lines = collection("call_lines")
+        self._blocks = collection("blocks")
         self._bucket = AsyncGridFSBucket(self.db, bucket_name=blobs.BUCKET_NAME)
         self.stats: dict[str, int] = {"blob_writes": 0, "largest_blob_write": 0}
 
@@ -183,61 +187,6 @@ class MongoStorage(MessagesMixin, CallsMixin, DevicesMixin, Storage):
         cursor = self._users.find({"username_lower": bounds, "deleted": {"$ne": True}},
                                   sort=[("username_lower", ASCENDING)], limit=limit)
         return [records.user(d) for d in await cursor.to_list() if d["username_lower"].startswith(prefix)]
-
-    # -- conversations -------------------------------------------------------
-    def _new_conversation(self, kind: str, creator_id: str, participant_ids: list[str],
-                          title: str | None) -> dict[str, Any]:
-        now = utcnow()
-        return {"_id": new_id(), "kind": kind, "participant_ids": list(participant_ids), "title": title,
-                "created_by": creator_id, "created_at": now, "last_activity_at": now, "last_seq": 0,
-                "last_message": None}
-
-    async def get_or_create_direct(self, user_a: str, user_b: str) -> tuple[Record, bool]:
-        pair = [min(user_a, user_b), max(user_a, user_b)]
-        key = ":".join(pair)
-        existing = await self._conversations.find_one({"direct_key": key})
-        if existing is not None:
-            return records.conversation(existing), False
-        doc = self._new_conversation("direct", user_a, pair, None)
-        doc["direct_key"] = key
-        try:
-            await self._conversations.insert_one(doc)
-        except DuplicateKeyError:  # lost the race to create it
-            existing = await self._conversations.find_one({"direct_key": key})
-            if existing is None:
-                raise
-            return records.conversation(existing), False
-        return records.conversation(doc), True
-
-    async def create_group(self, creator_id: str, participant_ids: list[str], title: str | None) -> Record:
-        doc = self._new_conversation("group", creator_id, participant_ids, title)
-        await self._conversations.insert_one(doc)
-        return records.conversation(doc)
-
-    async def get_conversation(self, conversation_id: str) -> Record | None:
-        doc = await self._conversations.find_one({"_id": conversation_id})
-        return records.conversation(doc) if doc else None
-
-    async def list_conversations(self, user_id: str, limit: int,
-                                 before: tuple[datetime, str] | None = None) -> list[Record]:
-        if limit <= 0:
-            return []
-        query: dict[str, Any] = {"participant_ids": user_id}
-        if before is not None:
-            at, last_id = before
-            query["$or"] = [{"last_activity_at": {"$lt": at}},
-                            {"last_activity_at": at, "_id": {"$lt": last_id}}]
-        cursor = self._conversations.find(
-            query, sort=[("last_activity_at", DESCENDING), ("_id", DESCENDING)], limit=limit)
-        return [records.conversation(d) for d in await cursor.to_list()]
-
-    async def contact_ids(self, user_id: str) -> set[str]:
-        contacts: set[str] = set()
-        async for doc in self._conversations.find({"participant_ids": user_id},
-                                                  projection={"participant_ids": 1}):
-            contacts.update(doc["participant_ids"])
-        contacts.discard(user_id)
-        return contacts
 
     # -- receipts ------------------------------------------------------------
     async def advance_receipt(self, conversation_id: str, user_id: str, kind: ReceiptKind,

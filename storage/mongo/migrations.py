@@ -115,6 +115,17 @@ async def _late_allocations(db: AsyncDatabase) -> None:
     await db.conversations.create_indexes([IndexModel([("pending.at", ASC)], sparse=True, name="pending_at")])
 
 
+async def _consent(db: AsyncDatabase) -> None:
+    # Conversations from before requests existed: everyone had accepted, and a
+    # group's creator is its admin.
+    await db.conversations.update_many({"requests": {"$exists": False}}, [{"$set": {
+        "requests": [], "former": [],
+        "admins": {"$cond": [{"$eq": ["$kind", "group"]}, ["$created_by"], []]}}}])
+    await db.conversations.create_indexes([IndexModel([("requests", ASC)], name="requests")])
+    await db.blocks.create_indexes([IndexModel([("blocker", ASC), ("blocked_at", ASC)], name="blocker"),
+                                    IndexModel([("blocked", ASC)], name="blocked")])
+
+
 MIGRATIONS: list[tuple[int, str, Migration]] = [
     (1, "users and conversations indexes", _users_and_conversations),
     (2, "messages, client-id reservations and receipts indexes", _messages_and_receipts),
@@ -123,6 +134,7 @@ MIGRATIONS: list[tuple[int, str, Migration]] = [
     (5, "messages numbered after they are written", _numbered_after_writing),
     (6, "devices and their sessions", _devices),
     (7, "pending seq allocations by age", _late_allocations),
+    (8, "message requests, group admins and blocks", _consent),
 ]
 LATEST_VERSION = MIGRATIONS[-1][0]
 

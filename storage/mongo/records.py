@@ -12,8 +12,8 @@ from typing import Any
 from storage.base import Record
 
 USER_FIELDS = ("id", "username", "display_name", "created_at", "deleted")
-CONVERSATION_FIELDS = ("id", "kind", "participant_ids", "title", "created_by", "created_at",
-                       "last_activity_at", "last_seq", "last_message")
+CONVERSATION_FIELDS = ("id", "kind", "participant_ids", "requests", "admins", "former", "title", "created_by",
+                       "created_at", "last_activity_at", "last_seq", "last_message")
 MESSAGE_FIELDS = ("id", "conversation_id", "sender_id", "seq", "client_message_id", "created_at",
                   "content", "ciphertext", "blob_id", "tombstone")
 CALL_FIELDS = ("id", "caller_id", "callee_id", "media", "status", "created_at", "ring_deadline",

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.gen_test
 async def contacts(api, n=2):
     """n users who all share one conversation: [(token, user), ...]."""
     people = [await api.register() for _ in range(n)]
-    await api.call("POST", "/api/conversations", people[0][0], {"participant_ids": [u["id"] for _, u in people[1:]]})
+    await api.conversation(people[0][0], *(u for _, u in people[1:]))
     return people
 
 
@@ -72,10 +72,12 @@ async def test_reject_cancel_and_forbidden_transitions(api):
     assert (await act(api, ta, {"id": "0" * 24}, "end"))[0] == 404
 
 
-async def test_calling_a_stranger_or_yourself_is_404(api):
+async def test_calling_a_stranger_is_403_and_yourself_or_nobody_404(api):
     (ta, a), _ = await contacts(api)
     _, x = await api.register()
-    for callee in (x, a, {"id": "0" * 24}):
+    status, body = await api.call("POST", "/api/calls", ta, {"callee_id": x["id"], "media": "audio"})
+    assert status == 403 and body["error"]["code"] == "not_a_contact"
+    for callee in (a, {"id": "0" * 24}):
         status, body = await api.call("POST", "/api/calls", ta, {"callee_id": callee["id"], "media": "audio"})
         assert status == 404, callee
     status, body = await api.call("POST", "/api/calls", ta, {"callee_id": a["id"], "media": "smell"})

@@ -38,7 +38,7 @@ async def test_direct_conversation_is_unique_from_either_side(api):
     assert status == 200 and again["conversation"]["id"] == first["conversation"]["id"]
     participants = {p["id"]: p for p in first["conversation"]["participants"]}
     assert set(participants) == {a["id"], b["id"]}
-    assert {"id", "username", "display_name", "presence"} == set(participants[b["id"]])
+    assert {"id", "username", "display_name", "presence", "role"} == set(participants[b["id"]])
 
 
 async def test_simultaneous_direct_requests_make_one_conversation(api):
@@ -194,8 +194,7 @@ async def test_receipts_move_forward_and_are_visible_per_member(api):
     ta, a = await api.register()
     tb, b = await api.register()
     tc, c = await api.register()
-    status, body = await api.call("POST", "/api/conversations", ta, {"participant_ids": [b["id"], c["id"]]})
-    conv = body["conversation"]
+    conv = await api.conversation(ta, b, c)
     m1 = await api.send(ta, conv["id"], "r1")
     m2 = await api.send(ta, conv["id"], "r2")
     status, receipt = await api.call("POST", f"/api/messages/{m2['id']}/delivered", tb)

@@ -124,8 +124,8 @@ async def test_frames_of_every_length_encoding_arrive_intact(api, ws_url, settin
     status, body = await api.call("POST", "/api/auth/register", body={
         "username": "zoe", "password": "password123", "display_name": "Zoë 雪 🙂"})
     assert status == 201, body
-    await api.conversation(ta, b, body["user"], title="Café ☕")
-    event = (await wb.event("conversation.new"))["data"]
+    await api.conversation(ta, b, body["user"], title="Café ☕", accepted=False)
+    event = (await wb.event("conversation.request"))["data"]
     assert event["title"] == "Café ☕"
     assert "Zoë 雪 🙂" in [p["display_name"] for p in event["participants"]]
 

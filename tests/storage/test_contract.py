@@ -89,6 +89,9 @@ async def test_group_and_listing_order_and_contacts(storage):
     page2 = await storage.list_conversations(
         a["id"], limit=10, before=(listed[0]["last_activity_at"], listed[0]["id"]))
     assert [conv["id"] for conv in page2] == [direct["id"]]
+    assert await storage.contact_ids(a["id"]) == set()  # nobody has accepted yet
+    for user, conversation in ((b, group), (c, group), (d, direct)):
+        await storage.accept_conversation(conversation["id"], user["id"])
     assert await storage.contact_ids(a["id"]) == {b["id"], c["id"], d["id"]}
     assert await storage.contact_ids(d["id"]) == {a["id"]}
     assert await storage.list_conversations(d["id"], limit=1) == [await storage.get_conversation(direct["id"])]

@@ -1,0 +1,99 @@
+"""The contact boundary, one rule for presence, last_seen, typing, receipts and calls.
+
+Two users are *contacts* when they share a conversation that both have
+accepted, and neither has blocked the other (`Storage.contact_ids`). Only
+contacts see each other's presence and last_seen, and only contacts can call
+each other. Inside one conversation, typing and receipts flow between members
+who have both accepted *it* and do not block each other (`audience`).
+Messages are the exception that makes requests work: a request's recipient
+gets them (not those of a sender they blocked). docs/SECURITY.md states the
+same rule and what a stranger can still learn.
+"""
+from __future__ import annotations
+
+from kisse.errors import BadRequest, Forbidden, NotFound
+from kisse.members import Membership
+from kisse.runtime import Runtime
+
+CACHE_SIZE = 100_000  # users
+
+
+class Blocks:
+    """Who blocked whom, kept in process: `blocked(u)` (by u) and `blockers(u)` (of u).
+    Every block and unblock goes through `block`/`unblock` below, which forget both users."""
+
+    def __init__(self, rt: Runtime, size: int = CACHE_SIZE) -> None:
+        self._rt = rt
+        self._size = size
+        self._blocked: dict[str, frozenset[str]] = {}
+        self._blockers: dict[str, frozenset[str]] = {}
+
+    async def blocked(self, user_id: str) -> frozenset[str]:
+        found = self._blocked.get(user_id)
+        if found is None:
+            found = frozenset(b["user_id"] for b in await self._rt.storage.list_blocks(user_id))
+            self._keep(self._blocked, user_id, found)
+        return found
+
+    async def blockers(self, user_id: str) -> frozenset[str]:
+        found = self._blockers.get(user_id)
+        if found is None:
+            found = frozenset(await self._rt.storage.blockers_of(user_id))
+            self._keep(self._blockers, user_id, found)
+        return found
+
+    async def either_way(self, user_id: str) -> frozenset[str]:
+        """Everyone this user blocked or was blocked by."""
+        return await self.blocked(user_id) | await self.blockers(user_id)
+
+    def _keep(self, cache: dict[str, frozenset[str]], user_id: str, found: frozenset[str]) -> None:
+        if len(cache) >= self._size:
+            del cache[next(iter(cache))]
+        cache[user_id] = found
+
+    def forget(self, *user_ids: str) -> None:
+        for user_id in user_ids:
+            self._blocked.pop(user_id, None)
+            self._blockers.pop(user_id, None)
+
+
+async def are_contacts(rt: Runtime, user_id: str, other_id: str) -> bool:
+    return other_id in await rt.storage.contact_ids(user_id)
+
+
+async def audience(rt: Runtime, membership: Membership, actor_id: str) -> list[str]:
+    """The members who get `actor_id`'s typing and receipts in this conversation (the
+    actor's own devices aside): nobody while the actor has not accepted it; else
+    the members who have, less anyone the actor blocked or was blocked by."""
+    if not membership.accepted(actor_id):
+        return []
+    cut = await rt.blocks.either_way(actor_id)
+    return [m for m in membership.ids if m != actor_id and m not in membership.requests and m not in cut]
+
+
+async def block(rt: Runtime, blocker_id: str, user_id: str) -> None:
+    if user_id == blocker_id:
+        raise BadRequest("you cannot block yourself", code="cannot_block_self")
+    user = await rt.storage.get_user(user_id)
+    if user is None or user.get("deleted"):
+        raise NotFound("no such user", code="user_not_found")
+    await rt.storage.block_user(blocker_id, user_id)
+    rt.blocks.forget(blocker_id, user_id)
+
+
+async def unblock(rt: Runtime, blocker_id: str, user_id: str) -> None:
+    await rt.storage.unblock_user(blocker_id, user_id)
+    rt.blocks.forget(blocker_id, user_id)
+
+
+async def list_blocks(rt: Runtime, blocker_id: str) -> dict[str, list[dict[str, str]]]:
+    from kisse.views import iso
+    blocks = await rt.storage.list_blocks(blocker_id)
+    users = {u["id"]: u for u in await rt.storage.get_users([b["user_id"] for b in blocks])}
+    return {"blocks": [{"user_id": b["user_id"], "username": users[b["user_id"]]["username"],
+                        "display_name": users[b["user_id"]]["display_name"], "blocked_at": iso(b["blocked_at"])}
+                       for b in blocks if b["user_id"] in users]}
+
+
+def not_a_contact() -> Forbidden:
+    return Forbidden("you can call people who share an accepted conversation with you", code="not_a_contact")
