@@ -280,18 +280,20 @@ async def history(rt: Runtime, user_id: str, conversation_id: str, before: int |
 # -- receipts -------------------------------------------------------------------
 async def mark(rt: Runtime, user_id: str, message_id: str, kind: ReceiptKind,
                origin_conn: str | None = None) -> dict[str, Any]:
-    """Move the caller's delivered/read cursor up to this message; tell the message's
-    sender (if both accepted the conversation and neither blocks the other) and the
+    """Move the caller's delivered/read cursor up to this message; tell the senders of
+    the messages the move covers (those the contact boundary lets hear it) and the
     caller's other devices (all connections but `origin_conn`, whose reply carries it)."""
     message, membership = await member_message(rt, user_id, message_id)
     conversation_id = message["conversation_id"]
-    receipt, moved = await rt.storage.advance_receipt(conversation_id, user_id, kind, message["seq"])
+    receipt, before = await rt.storage.advance_receipt(conversation_id, user_id, kind, message["seq"])
     event = {"conversation_id": conversation_id, **receipt}
-    if moved:
-        sender = message["sender_id"]
+    if (receipt["delivered_seq"], receipt["read_seq"]) != (before["delivered_seq"], before["read_seq"]):
         told = [user_id]
-        if sender and sender != user_id and sender in await contacts.audience(rt, membership, user_id):
-            told.append(sender)
+        audience = await contacts.audience(rt, membership, user_id)
+        if audience:
+            covered_from = before["read_seq" if kind == "read" else "delivered_seq"]
+            senders = await rt.storage.senders_between(conversation_id, covered_from, message["seq"])
+            told += [m for m in audience if m in senders]
         rt.hub.publish(told, "message.receipt", event, exclude_conn=origin_conn)
     return event
 

@@ -311,9 +311,10 @@ class Storage(ABC):
     # -- receipts ------------------------------------------------------------
     @abstractmethod
     async def advance_receipt(self, conversation_id: str, user_id: str, kind: ReceiptKind,
-                              seq: int) -> tuple[Record, bool]:
+                              seq: int) -> tuple[Record, Record]:
         """Move a member's cursor forward (never back); read also moves delivered.
-        Return `({user_id, delivered_seq, read_seq} as stored afterwards, whether it moved)`."""
+        Return `({user_id, delivered_seq, read_seq} as stored afterwards,
+        {delivered_seq, read_seq} as they were before)`."""
 
     @abstractmethod
     async def get_receipts(self, conversation_id: str) -> dict[str, Record]:

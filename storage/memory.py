@@ -429,14 +429,14 @@ class MemoryStorage(Storage):
 
     # -- receipts ------------------------------------------------------------
     async def advance_receipt(self, conversation_id: str, user_id: str, kind: ReceiptKind,
-                              seq: int) -> tuple[Record, bool]:
+                              seq: int) -> tuple[Record, Record]:
         cursors = self._receipts.setdefault(conversation_id, {})
         receipt = cursors.setdefault(user_id, {"user_id": user_id, "delivered_seq": 0, "read_seq": 0})
-        before = (receipt["delivered_seq"], receipt["read_seq"])
+        before = {"delivered_seq": receipt["delivered_seq"], "read_seq": receipt["read_seq"]}
         receipt["delivered_seq"] = max(receipt["delivered_seq"], seq)
         if kind == "read":
             receipt["read_seq"] = max(receipt["read_seq"], seq)
-        return dict(receipt), (receipt["delivered_seq"], receipt["read_seq"]) != before
+        return dict(receipt), before
 
     async def get_receipts(self, conversation_id: str) -> dict[str, Record]:
         return {k: dict(v) for k, v in self._receipts.get(conversation_id, {}).items()}

@@ -190,16 +190,17 @@ class MongoStorage(ConversationsMixin, MessagesMixin, CallsMixin, DevicesMixin, 
 
     # -- receipts ------------------------------------------------------------
     async def advance_receipt(self, conversation_id: str, user_id: str, kind: ReceiptKind,
-                              seq: int) -> tuple[Record, bool]:
+                              seq: int) -> tuple[Record, Record]:
         # $max never moves a cursor back; on insert it also creates the field. The
-        # document from before the update tells whether it moved, in one round trip.
+        # document from before the update tells how far it moved, in one round trip.
         read_seq = seq if kind == "read" else 0
         update = {"$max": {"delivered_seq": seq, "read_seq": read_seq},
                   "$setOnInsert": {"conversation_id": conversation_id, "user_id": user_id}}
         old = await _upsert(self._receipts, f"{conversation_id}:{user_id}", update, ReturnDocument.BEFORE)
-        before = (old["delivered_seq"], old["read_seq"]) if old else (0, 0)
-        after = (max(before[0], seq), max(before[1], read_seq))
-        return {"user_id": user_id, "delivered_seq": after[0], "read_seq": after[1]}, after != before
+        before = {"delivered_seq": old["delivered_seq"], "read_seq": old["read_seq"]} if old else \
+            {"delivered_seq": 0, "read_seq": 0}
+        return {"user_id": user_id, "delivered_seq": max(before["delivered_seq"], seq),
+                "read_seq": max(before["read_seq"], read_seq)}, before
 
     async def get_receipts(self, conversation_id: str) -> dict[str, Record]:
         cursor = self._receipts.find({"conversation_id": conversation_id})

@@ -166,18 +166,21 @@ async def test_receipts_only_move_forward_and_read_implies_delivered(storage):
     a, b = await make_users(storage, "walt", "xena")
     conv, _ = await storage.get_or_create_direct(a["id"], b["id"])
     assert await storage.get_receipts(conv["id"]) == {}
-    r, moved = await storage.advance_receipt(conv["id"], b["id"], "delivered", 5)
-    assert (r, moved) == ({"user_id": b["id"], "delivered_seq": 5, "read_seq": 0}, True)
-    r, moved = await storage.advance_receipt(conv["id"], b["id"], "delivered", 2)
-    assert (r["delivered_seq"], moved) == (5, False)
-    r, moved = await storage.advance_receipt(conv["id"], b["id"], "read", 7)
-    assert (r, moved) == ({"user_id": b["id"], "delivered_seq": 7, "read_seq": 7}, True)
-    r, moved = await storage.advance_receipt(conv["id"], b["id"], "read", 3)
-    assert (r["read_seq"], moved) == (7, False)
-    r, moved = await storage.advance_receipt(conv["id"], b["id"], "read", 5)  # delivered 7, read 7: no move
-    assert moved is False
-    r, moved = await storage.advance_receipt(conv["id"], a["id"], "read", 4)  # a first receipt that is a read
-    assert (r, moved) == ({"user_id": a["id"], "delivered_seq": 4, "read_seq": 4}, True)
+    def moved(answer):
+        receipt, before = answer
+        return receipt, (receipt["delivered_seq"], receipt["read_seq"]) != (before["delivered_seq"], before["read_seq"])
+    r, before = await storage.advance_receipt(conv["id"], b["id"], "delivered", 5)
+    assert (r, before) == ({"user_id": b["id"], "delivered_seq": 5, "read_seq": 0}, {"delivered_seq": 0, "read_seq": 0})
+    r, m = moved(await storage.advance_receipt(conv["id"], b["id"], "delivered", 2))
+    assert (r["delivered_seq"], m) == (5, False)
+    r, before = await storage.advance_receipt(conv["id"], b["id"], "read", 7)
+    assert (r, before) == ({"user_id": b["id"], "delivered_seq": 7, "read_seq": 7}, {"delivered_seq": 5, "read_seq": 0})
+    r, m = moved(await storage.advance_receipt(conv["id"], b["id"], "read", 3))
+    assert (r["read_seq"], m) == (7, False)
+    r, m = moved(await storage.advance_receipt(conv["id"], b["id"], "read", 5))  # delivered 7, read 7: no move
+    assert m is False
+    r, m = moved(await storage.advance_receipt(conv["id"], a["id"], "read", 4))  # a first receipt that is a read
+    assert (r, m) == ({"user_id": a["id"], "delivered_seq": 4, "read_seq": 4}, True)
     assert (await storage.get_receipts(conv["id"]))[b["id"]]["read_seq"] == 7
 
 
