@@ -98,8 +98,9 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
 
 
 async def describe(rt: Runtime, user_id: str, message_id: str) -> tuple[Record, Record]:
-    """`(message, content)` for a member; 404 if the message has no content."""
-    message, _ = await messaging.member_message(rt, user_id, message_id)
+    """`(message, content)` for whoever may read it (`messaging.readable_message`);
+    404 if the message has no content."""
+    message = await messaging.readable_message(rt, user_id, message_id)
     if message["content"] is None:
         raise NotFound("this message has no content", code="content_not_found")
     return message, message["content"]

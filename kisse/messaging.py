@@ -247,6 +247,22 @@ async def member_message(rt: Runtime, user_id: str, message_id: str) -> tuple[Re
     raise NotFound("no such message", code="message_not_found")
 
 
+async def readable_message(rt: Runtime, user_id: str, message_id: str) -> Record:
+    """A message whose content the user may read: in a conversation they belong to,
+    or belonged to when it was sent (someone who left keeps what came before), and
+    not from someone they blocked; 404 alike otherwise."""
+    message = await rt.storage.get_message(message_id)
+    if message is not None and message["sender_id"] not in await rt.blocks.blocked(user_id):
+        membership = await rt.members.membership(message["conversation_id"])
+        if membership is not None and user_id in membership.ids:
+            return message
+        conversation = await rt.storage.get_conversation(message["conversation_id"])
+        former = former_entry(conversation, user_id) if conversation else None
+        if former is not None and message["seq"] <= former["up_to_seq"]:
+            return message
+    raise NotFound("no such message", code="message_not_found")
+
+
 async def visible_to(rt: Runtime, viewer_id: str) -> Any:
     """`view(message)` as `viewer_id` gets it: a sender they blocked shows as a tombstone."""
     hidden = await rt.blocks.blocked(viewer_id)

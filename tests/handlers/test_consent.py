@@ -142,7 +142,8 @@ async def test_leaving_cuts_off_new_messages_and_later_history(api, ws_url):
     tb, bob = await api.register()
     tc, carol = await api.register()
     group = await api.conversation(ta, bob, carol, title="g")
-    await api.send(ta, group["id"], "before")
+    before = await api.send(ta, group["id"], "before")
+    assert (await api.call("POST", f"/api/messages/{before['id']}/content", ta, raw=b"\x07" * 100))[0] == 201
     wb = await Ws.connect(ws_url, tb)
     try:
         assert (await api.call("POST", f"/api/conversations/{group['id']}/leave", tc))[0] == 204
@@ -150,7 +151,10 @@ async def test_leaving_cuts_off_new_messages_and_later_history(api, ws_url):
         assert removed == {"conversation_id": group["id"], "user_id": carol["id"], "by": carol["id"], "reason": "left"}
     finally:
         wb.close()
-    await api.send(ta, group["id"], "after")
+    after = await api.send(ta, group["id"], "after")
+    assert (await api.call("POST", f"/api/messages/{after['id']}/content", ta, raw=b"\x08" * 100))[0] == 201
+    assert await api.call("GET", f"/api/messages/{before['id']}/content", tc) == (200, b"\x07" * 100)
+    assert (await api.call("GET", f"/api/messages/{after['id']}/content", tc))[0] == 404
     status, body = await api.call("GET", f"/api/conversations/{group['id']}/messages", tc)
     assert status == 200 and [m["client_message_id"] for m in body["messages"]] == ["before"]
     view = (await api.call("GET", f"/api/conversations/{group['id']}", tc))[1]["conversation"]
