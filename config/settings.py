@@ -51,6 +51,8 @@ class Settings:
     host: str = "0.0.0.0"
     port: int = 8080
     storage: str = "memory://"
+    bus: str = ""
+    bus_lease: float = 10.0
     jwt_secret: str = ""
     access_ttl: int = 900
     refresh_ttl: int = 90 * 86400
@@ -146,6 +148,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("KISSE_PORT", "port", _int, "TCP port to listen on (0 picks a free port).", 0),
     Option("KISSE_STORAGE", "storage", _str,
            "Storage URL: memory:// (default) or mongodb://host:port/dbname?replicaSet=..."),
+    Option("KISSE_BUS", "bus", _str,
+           "Empty (default): this process alone. redis://host:port/db: a cluster of the Kisse processes "
+           "on that Redis (and one MongoDB), sharing live events."),
+    Option("KISSE_BUS_LEASE", "bus_lease", _float,
+           "Seconds a cluster node's lease lasts (renewed every third of it): a node that dies is "
+           "known dead, and its users offline, within this plus KISSE_PRESENCE_GRACE.", 0.1),
     Option("KISSE_JWT_SECRET", "jwt_secret", _str, "HS256 signing secret (>= 32 bytes, required in production)."),
     Option("KISSE_ACCESS_TTL", "access_ttl", _int, "Access token lifetime in seconds.", 1),
     Option("KISSE_REFRESH_TTL", "refresh_ttl", _int,

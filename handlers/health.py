@@ -29,7 +29,9 @@ class ReadyHandler(APIHandler):
             await asyncio.wait_for(self.storage.ping(), READY_TIMEOUT)
         except Exception:
             raise Unavailable("storage is not answering", code="not_ready") from None
-        self.send_json({"status": "ready"})
+        # A degraded bus (Redis away) still serves: messages are stored, clients on
+        # other nodes catch up with sync. It is reported, not a reason to stop traffic.
+        self.send_json({"status": "ready", "bus": self.rt.bus.health()})
 
 
 class CapabilitiesHandler(APIHandler):

@@ -11,6 +11,7 @@ from handlers import default_handlers
 from handlers.base import NotFoundHandler
 from kisse import auth, messaging
 from kisse.calls import CallTimers
+from kisse.bus import make_bus
 from kisse.contacts import Blocks
 from kisse.members import Members
 from kisse.metrics import Metrics
@@ -45,12 +46,15 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
 def make_app(settings: Settings, storage: Storage) -> tornado.web.Application:
     """Build the application; `await startup(app)` before serving."""
     rt = Runtime(settings=settings, storage=storage)
+    rt.bus = make_bus(settings, rt.hub)
     rt.presence = PresenceTracker(rt)
     rt.typing = TypingTracker(rt)
     rt.calls = CallTimers(rt)
     rt.metrics = Metrics(rt.hub.count, lambda: rt.inflight)
+    rt.metrics.bus_stats = lambda: getattr(rt.bus, "stats", {})
     rt.members = Members(storage)
     rt.blocks = Blocks(rt)
+    rt.bus.subscribers += [rt.members.on_event, rt.blocks.on_event]
     return tornado.web.Application(
         default_handlers,
         kisse=rt,
@@ -70,6 +74,7 @@ async def startup(app: tornado.web.Application) -> None:
     """Prepare storage (migrations, indexes) and logins; start the call sweep and the send repair."""
     rt = runtime(app)
     await rt.storage.start()
+    await rt.bus.start()
     await auth.prepare(rt)
     rt.calls.start()
     rt.tasks.every(rt.settings.send_repair_after, lambda: messaging.repair_sends(rt), "send repair")
@@ -93,4 +98,5 @@ async def shutdown(app: tornado.web.Application, grace: float = 10.0) -> None:
     rt.presence.close()
     rt.typing.close()
     await rt.tasks.close()  # background work ends before the storage it uses
+    await rt.bus.close()
     await rt.storage.close()

@@ -25,6 +25,7 @@ import orjson
 
 from kisse import contacts, protocol
 from kisse.errors import BadRequest, Conflict, NotFound, PayloadTooLarge
+from kisse.bus import Event
 from kisse.runtime import Runtime
 from kisse.views import call_view, page_cursor
 from storage.base import LIVE_CALL_STATUSES, Record, utcnow
@@ -40,8 +41,6 @@ class CallTimers:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
         self._timers: dict[str, asyncio.TimerHandle] = {}
-        # Which connection of the callee accepted: signalling goes to that device only.
-        self.answered_on: dict[str, str] = {}
 
     def start(self) -> None:
         self.rt.tasks.every(self.rt.settings.call_sweep_interval, self.sweep, "call sweep")
@@ -75,11 +74,10 @@ class CallTimers:
 
 def _announce(rt: Runtime, call: Record) -> dict[str, Any]:
     view = call_view(call)
-    rt.hub.publish([call["caller_id"], call["callee_id"]], "call.state", view)
+    rt.bus.send([call["caller_id"], call["callee_id"]], "call.state", view)
     if call["status"] not in LIVE_CALL_STATUSES:
         rt.metrics.call_outcomes.labels(call["status"]).inc()
         rt.calls.forget(call["id"])
-        rt.calls.answered_on.pop(call["id"], None)
     return view
 
 
@@ -115,8 +113,8 @@ async def start_call(rt: Runtime, caller_id: str, callee_id: str, media: str,
         rt.metrics.call_outcomes.labels("busy").inc()
     if call["status"] == "pending":
         rt.calls.schedule(call)
-        rt.hub.publish([callee_id], "call.incoming", view)
-    rt.hub.publish([caller_id], "call.state", view, exclude_conn=origin_conn)
+        rt.bus.send([callee_id], "call.incoming", view)
+    rt.bus.send([caller_id], "call.state", view, exclude_conn=origin_conn)
     return view
 
 
@@ -130,13 +128,14 @@ async def accept(rt: Runtime, user_id: str, call_id: str, origin_conn: str | Non
     call = await party_call(rt, user_id, call_id)
     if user_id != call["callee_id"]:
         raise _invalid(call, "accept (only the callee may)")
-    won = await rt.storage.transition_call(call_id, ("pending",), "accepted", {"answered_at": utcnow()})
+    # The connection that accepted is stored with the call: signalling goes to that
+    # device, whichever process holds it (a REST accept has none: all devices get it).
+    won = await rt.storage.transition_call(call_id, ("pending",), "accepted",
+                                           {"answered_at": utcnow(), "answered_conn": origin_conn})
     if won is None:
         raise _invalid(await rt.storage.get_call(call_id), "accept")
-    if origin_conn:
-        rt.calls.answered_on[call_id] = origin_conn
     view = _announce(rt, won)
-    rt.hub.publish([user_id], "call.answered_elsewhere", view, exclude_conn=origin_conn)
+    rt.bus.send([user_id], "call.answered_elsewhere", view, exclude_conn=origin_conn)
     return view
 
 
@@ -195,13 +194,11 @@ async def relay(rt: Runtime, user_id: str, origin_conn: str, call_id: str, kind:
     if size > rt.settings.max_signal:
         raise PayloadTooLarge(f"signalling payload is over {rt.settings.max_signal} bytes",
                               code="signal_too_large")
-    answered_on = rt.calls.answered_on.get(call_id)
-    device = rt.hub.get(peer, answered_on) if peer == call["callee_id"] and answered_on else None
-    if device is not None:
-        device.push(kind, event, protocol.encode(kind, event))
-        delivered = 1
+    answered_on = call.get("answered_conn") if peer == call["callee_id"] else None
+    if answered_on:  # the callee's device that accepted, on whichever process holds it
+        delivered = rt.bus.publish(Event(kind, event, (peer,), conn=answered_on))
     else:
-        delivered = rt.hub.publish([peer], kind, event)
+        delivered = rt.bus.send([peer], kind, event)
     return {"call_id": call_id, "delivered_to": delivered}
 
 

@@ -11,6 +11,7 @@ same rule and what a stranger can still learn.
 """
 from __future__ import annotations
 
+from kisse.bus import BLOCKS_CHANGED, Event
 from kisse.errors import BadRequest, Forbidden, NotFound
 from kisse.members import Membership
 from kisse.runtime import Runtime
@@ -20,7 +21,8 @@ CACHE_SIZE = 100_000  # users
 
 class Blocks:
     """Who blocked whom, kept in process: `blocked(u)` (by u) and `blockers(u)` (of u).
-    Every block and unblock goes through `block`/`unblock` below, which forget both users."""
+    Every block and unblock goes through `block`/`unblock` below, which tell every
+    process (`blocks.changed` on the bus) to forget both users."""
 
     def __init__(self, rt: Runtime, size: int = CACHE_SIZE) -> None:
         self._rt = rt
@@ -56,6 +58,11 @@ class Blocks:
             self._blocked.pop(user_id, None)
             self._blockers.pop(user_id, None)
 
+    def on_event(self, event: Event) -> None:
+        """A bus subscriber: some process changed who blocks whom."""
+        if event.type == BLOCKS_CHANGED:
+            self.forget(*event.data["user_ids"])
+
 
 async def are_contacts(rt: Runtime, user_id: str, other_id: str) -> bool:
     return other_id in await rt.storage.contact_ids(user_id)
@@ -78,12 +85,12 @@ async def block(rt: Runtime, blocker_id: str, user_id: str) -> None:
     if user is None or user.get("deleted"):
         raise NotFound("no such user", code="user_not_found")
     await rt.storage.block_user(blocker_id, user_id)
-    rt.blocks.forget(blocker_id, user_id)
+    rt.bus.changed(BLOCKS_CHANGED, {"user_ids": [blocker_id, user_id]})
 
 
 async def unblock(rt: Runtime, blocker_id: str, user_id: str) -> None:
     await rt.storage.unblock_user(blocker_id, user_id)
-    rt.blocks.forget(blocker_id, user_id)
+    rt.bus.changed(BLOCKS_CHANGED, {"user_ids": [blocker_id, user_id]})
 
 
 async def list_blocks(rt: Runtime, blocker_id: str) -> dict[str, list[dict[str, str]]]:

@@ -1,8 +1,10 @@
-"""The hub owns live WebSocket connections and fans events out to them.
+"""The hub is this process's registry of live WebSocket connections, and writes
+frames to them.
 
 It knows users and their connections (several devices each) and nothing
-about what events mean; services decide who hears what. An event is encoded
-once and the same text is written to every connection.
+about what events mean: services publish events on the bus (kisse/bus.py),
+which hands those for this process's connections to the hub. An event is
+encoded once and the same text is written to every connection.
 """
 from __future__ import annotations
 
@@ -80,6 +82,9 @@ class Hub:
                     connection.push(event_type, data, frame)
                     sent += 1
         return sent
+
+    def push_one(self, connection: Connection, event_type: str, data: dict[str, Any]) -> None:
+        connection.push(event_type, data, encode(event_type, data))
 
     def close_sessions(self, user_id: str, session_ids: set[str], code: int, reason: str) -> None:
         """Close the user's connections that belong to these sessions."""

@@ -1,14 +1,15 @@
 """Who belongs to a conversation, and how, kept in process.
 
 Membership changes (accept, leave, add, remove, roles): every change goes
-through `kisse/membership.py`, which tells this cache (`forget`) once storage
-has it. With one process that keeps the cache exact; several processes will
-need the event bus to carry the same invalidation (cluster mode).
+through `kisse/membership.py`, which remembers the new membership here and
+publishes `conversation.changed` on the bus, so every process of a cluster
+forgets its copy (`on_event`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kisse.bus import CONVERSATION_CHANGED, Event
 from storage.base import Record, Storage
 
 CACHE_SIZE = 100_000  # conversations
@@ -69,3 +70,8 @@ class Members:
 
     def forget(self, conversation_id: str) -> None:
         self._by_conversation.pop(conversation_id, None)
+
+    def on_event(self, event: Event) -> None:
+        """A bus subscriber: some process changed a conversation's membership."""
+        if event.type == CONVERSATION_CHANGED:
+            self.forget(event.data["conversation_id"])

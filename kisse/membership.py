@@ -2,7 +2,8 @@
 group's admins do (add, remove, promote, retitle).
 
 Each change is one atomic storage step; then the members cache learns the new
-membership (`rt.members.remember`) and everyone concerned hears it live:
+membership (`messaging.membership_changed`: every process forgets its copy)
+and everyone concerned hears it live:
 `member.added` / `member.removed` / `conversation.updated` to the members, a
 `conversation.request` to whoever was added.
 """
@@ -27,10 +28,10 @@ async def accept(rt: Runtime, user_id: str, conversation_id: str) -> dict[str, A
     conversation = await rt.storage.accept_conversation(conversation_id, user_id)
     if conversation is None:
         raise messaging.no_conversation()
-    rt.members.remember(conversation)
+    messaging.membership_changed(rt, conversation)
     view = await messaging.conversation_view(rt, conversation, user_id)
     if user_id in before.requests:
-        rt.hub.publish([user_id], "conversation.updated", {**_updated(conversation), "membership": view["membership"]})
+        rt.bus.send([user_id], "conversation.updated", {**_updated(conversation), "membership": view["membership"]})
     return view
 
 
@@ -48,12 +49,12 @@ async def leave(rt: Runtime, user_id: str, conversation_id: str, by: str | None 
     conversation = await rt.storage.leave_conversation(conversation_id, user_id)
     if conversation is None:
         raise messaging.no_conversation()
-    rt.members.remember(conversation)
+    messaging.membership_changed(rt, conversation)
     event = {"conversation_id": conversation_id, "user_id": user_id, "by": by or user_id,
              "reason": "removed" if by and by != user_id else "left"}
-    rt.hub.publish([*conversation["participant_ids"], user_id], "member.removed", event)
+    rt.bus.send([*conversation["participant_ids"], user_id], "member.removed", event)
     if set(conversation["admins"]) != before.admins:  # the last admin left: someone was promoted
-        rt.hub.publish(conversation["participant_ids"], "conversation.updated", _updated(conversation))
+        rt.bus.send(conversation["participant_ids"], "conversation.updated", _updated(conversation))
 
 
 async def _admin_of_group(rt: Runtime, user_id: str, conversation_id: str) -> None:
@@ -75,13 +76,13 @@ async def add_members(rt: Runtime, admin_id: str, conversation_id: str, user_ids
     if changed is None:
         raise messaging.no_conversation()
     conversation, added = changed
-    rt.members.remember(conversation)
+    messaging.membership_changed(rt, conversation)
     if added:
         others = [m for m in conversation["participant_ids"] if m not in added]
-        rt.hub.publish(others, "member.added", {"conversation_id": conversation_id, "user_ids": added,
+        rt.bus.send(others, "member.added", {"conversation_id": conversation_id, "user_ids": added,
                                                 "by": admin_id})
         for user_id in added:
-            rt.hub.publish([user_id], "conversation.request",
+            rt.bus.send([user_id], "conversation.request",
                            await messaging.conversation_view(rt, conversation, user_id))
     return {"conversation": await messaging.conversation_view(rt, conversation, admin_id), "added": added}
 
@@ -104,10 +105,10 @@ async def set_role(rt: Runtime, admin_id: str, conversation_id: str, user_id: st
     if not conversation["admins"]:  # the last admin stepped down: undo, a group keeps one
         conversation = await rt.storage.set_admin(conversation_id, user_id, True)
         assert conversation is not None
-        rt.members.remember(conversation)
+        messaging.membership_changed(rt, conversation)
         raise Conflict("a group needs an admin: promote someone else first", code="last_admin")
-    rt.members.remember(conversation)
-    rt.hub.publish(conversation["participant_ids"], "conversation.updated", _updated(conversation))
+    messaging.membership_changed(rt, conversation)
+    rt.bus.send(conversation["participant_ids"], "conversation.updated", _updated(conversation))
     return {"conversation": await messaging.conversation_view(rt, conversation, admin_id)}
 
 
@@ -116,5 +117,5 @@ async def set_title(rt: Runtime, admin_id: str, conversation_id: str, title: str
     conversation = await rt.storage.set_title(conversation_id, title)
     if conversation is None:
         raise messaging.no_conversation()
-    rt.hub.publish(conversation["participant_ids"], "conversation.updated", _updated(conversation))
+    rt.bus.send(conversation["participant_ids"], "conversation.updated", _updated(conversation))
     return {"conversation": await messaging.conversation_view(rt, conversation, admin_id)}

@@ -9,6 +9,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from kisse import contacts, presence
+from kisse.bus import CONVERSATION_CHANGED
 from kisse.errors import BadRequest, Conflict, NotFound
 from kisse.members import Membership
 from kisse.runtime import Runtime
@@ -69,6 +70,12 @@ async def conversation_members(rt: Runtime, user_id: str, conversation_id: str) 
     return (await membership_of(rt, user_id, conversation_id)).ids
 
 
+def membership_changed(rt: Runtime, conversation: Record) -> None:
+    """Every process forgets the conversation's cached membership; this one learns the new one."""
+    rt.bus.changed(CONVERSATION_CHANGED, {"conversation_id": conversation["id"]})
+    rt.members.remember(conversation)
+
+
 async def check_reachable(rt: Runtime, user_id: str, others: list[str]) -> None:
     """400 `unknown_participants` for ids that are nobody, deleted, or users who blocked
     `user_id`: a blocked user cannot tell a block from a wrong id."""
@@ -101,12 +108,15 @@ async def create_conversation(rt: Runtime, user_id: str, participant_ids: list[s
     else:
         conversation, created = await rt.storage.create_group(user_id, members, title), True
         invited = members[1:]
-    rt.members.remember(conversation)
+    if created:
+        rt.members.remember(conversation)
+    elif known is None or known != Membership.of(conversation):  # re-joined, re-invited, accepted
+        membership_changed(rt, conversation)
     view = await conversation_view(rt, conversation, user_id)
     if created:
-        rt.hub.publish([user_id], "conversation.new", view)
+        rt.bus.send([user_id], "conversation.new", view)
     for invitee in invited:
-        rt.hub.publish([invitee], "conversation.request", await conversation_view(rt, conversation, invitee))
+        rt.bus.send([invitee], "conversation.request", await conversation_view(rt, conversation, invitee))
     return view, created
 
 
@@ -121,11 +131,14 @@ async def conversation_views(rt: Runtime, conversations: list[Record], viewer_id
     users = {u["id"]: u for u in await rt.storage.get_users(member_ids)}
     presences = await rt.storage.get_presences(member_ids)
     viewer_contacts = await rt.storage.contact_ids(viewer_id)
-    return [await _conversation_view(rt, c, viewer_id, users, presences, viewer_contacts) for c in conversations]
+    present = await rt.presence.present_among([m for m in member_ids if m in viewer_contacts or m == viewer_id])
+    return [await _conversation_view(rt, c, viewer_id, users, presences, viewer_contacts, present)
+            for c in conversations]
 
 
 async def _conversation_view(rt: Runtime, conversation: Record, viewer_id: str, users: dict[str, Record],
-                             presences: dict[str, Record], viewer_contacts: set[str]) -> dict[str, Any]:
+                             presences: dict[str, Record], viewer_contacts: set[str],
+                             present: set[str]) -> dict[str, Any]:
     admins = set(conversation["admins"])
 
     def shown_presence(user: Record) -> dict[str, Any] | None:
@@ -133,7 +146,7 @@ async def _conversation_view(rt: Runtime, conversation: Record, viewer_id: str, 
             return presence_view(user["id"], "offline", None)
         if user["id"] != viewer_id and user["id"] not in viewer_contacts:
             return None  # the contact boundary: not "offline", just not yours to see
-        return presence.shown(rt, user["id"], presences.get(user["id"]))
+        return presence.shown(presences.get(user["id"]), user["id"], user["id"] in present)
 
     participants = [{**{k: v for k, v in user_view(user).items() if k != "created_at"},
                      "role": "admin" if user["id"] in admins else "member", "presence": shown_presence(user)}
@@ -221,7 +234,7 @@ async def send_message(rt: Runtime, user_id: str, conversation_id: str, client_m
     if created or republish:
         blockers = await rt.blocks.blockers(user_id)
         audience = [m for m in members if m not in blockers] if blockers else members
-        rt.hub.publish(audience, "message.new", view, exclude_conn=origin_conn)
+        rt.bus.send(audience, "message.new", view, exclude_conn=origin_conn)
     return view, created
 
 
@@ -233,7 +246,7 @@ async def repair_sends(rt: Runtime) -> int:
         members = await rt.members.of(message["conversation_id"])
         blockers = await rt.blocks.blockers(message["sender_id"])
         rt.metrics.messages.inc()
-        rt.hub.publish([m for m in members or () if m not in blockers], "message.new", message_view(message))
+        rt.bus.send([m for m in members or () if m not in blockers], "message.new", message_view(message))
     return len(repaired)
 
 
@@ -310,7 +323,7 @@ async def mark(rt: Runtime, user_id: str, message_id: str, kind: ReceiptKind,
             covered_from = before["read_seq" if kind == "read" else "delivered_seq"]
             senders = await rt.storage.senders_between(conversation_id, covered_from, message["seq"])
             told += [m for m in audience if m in senders]
-        rt.hub.publish(told, "message.receipt", event, exclude_conn=origin_conn)
+        rt.bus.send(told, "message.receipt", event, exclude_conn=origin_conn)
     return event
 
 

@@ -2,7 +2,8 @@
 (tests, restarts) never collide."""
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from typing import Any, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily
@@ -26,6 +27,14 @@ class Metrics:
         self.blob_bytes = Counter("kisse_blob_bytes_total", "Encrypted content bytes", ["direction"], registry=r)
         self.call_outcomes = Counter("kisse_call_outcomes_total", "Calls reaching a final status",
                                      ["status"], registry=r)
+        self.bus_stats: Callable[[], dict[str, Any]] = dict
+        for key, text in (("published", "Events sent to other cluster nodes"),
+                          ("received", "Events received from other cluster nodes"),
+                          ("undelivered", "Events for other nodes dropped (Redis away, queue full)"),
+                          ("operations", "Redis round trips made for events")):
+            gauge = Gauge(f"kisse_bus_{key}_events" if key != "operations" else "kisse_bus_operations",
+                          f"{text} (cumulative; 0 without KISSE_BUS)", registry=r)
+            gauge.set_function(lambda key=key: float(self.bus_stats().get(key, 0)))
 
 
 class FrameCounts(Collector):

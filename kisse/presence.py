@@ -24,23 +24,37 @@ log = logging.getLogger("kisse.presence")
 
 
 class PresenceTracker:
-    """Turns hub connect/disconnect into presence changes, with a grace period."""
+    """Turns hub connect/disconnect into presence changes, with a grace period.
+
+    In a cluster (kisse/redis_bus.py) a user is present while any node has them
+    present: a node announces "online" only if no other node had them, and
+    "offline" at the end of its grace only if no other node has them now, so a
+    reconnect to another node does not flap. A dead node's users go offline
+    when a live node reaps it (`on_user_gone`)."""
 
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
         self._lingering: dict[str, asyncio.TimerHandle] = {}
         rt.hub.on_first_connection.append(self._connected)
         rt.hub.on_last_disconnection.append(self._disconnected)
+        rt.bus.on_user_gone.append(self._gone_elsewhere)
 
     def is_present(self, user_id: str) -> bool:
+        """Present on this process: connected, or within the grace of their last connection."""
         return self.rt.hub.is_connected(user_id) or user_id in self._lingering
+
+    async def present_among(self, user_ids: list[str]) -> set[str]:
+        """Which of these users are present on any process."""
+        here = {u for u in user_ids if self.is_present(u)}
+        rest = [u for u in user_ids if u not in here]
+        return here | (await self.rt.bus.present(rest) if rest else set())
 
     def _connected(self, user_id: str) -> None:
         timer = self._lingering.pop(user_id, None)
         if timer is not None:
             timer.cancel()  # back within the grace period: nobody saw them leave
             return
-        self.rt.tasks.spawn(self._announce(user_id), "presence announce")
+        self.rt.tasks.spawn(self._arrive(user_id), "presence announce")
 
     def _disconnected(self, user_id: str) -> None:
         loop = asyncio.get_running_loop()
@@ -49,6 +63,21 @@ class PresenceTracker:
 
     def _grace_over(self, user_id: str) -> None:
         if self._lingering.pop(user_id, None) is not None and not self.rt.hub.is_connected(user_id):
+            self.rt.tasks.spawn(self._depart(user_id), "presence announce")
+
+    async def _arrive(self, user_id: str) -> None:
+        elsewhere = await self.rt.bus.present_elsewhere(user_id)
+        await self.rt.bus.joined(user_id)
+        if not elsewhere:
+            await self._announce(user_id)
+
+    async def _depart(self, user_id: str) -> None:
+        await self.rt.bus.left(user_id)
+        if not self.is_present(user_id) and not await self.rt.bus.present_elsewhere(user_id):
+            await self._announce(user_id)
+
+    def _gone_elsewhere(self, user_id: str) -> None:
+        if not self.is_present(user_id):
             self.rt.tasks.spawn(self._announce(user_id), "presence announce")
 
     async def _announce(self, user_id: str) -> None:
@@ -74,21 +103,21 @@ async def effective(rt: Runtime, user_id: str, record: dict[str, Any] | None = N
     """The presence others see for `user_id`."""
     if record is None:
         record = (await rt.storage.get_presences([user_id])).get(user_id)
-    return shown(rt, user_id, record)
+    return shown(record, user_id, bool(await rt.presence.present_among([user_id])))
 
 
-def shown(rt: Runtime, user_id: str, record: dict[str, Any] | None) -> dict[str, Any]:
-    """The presence others see for `user_id`, given its stored record (None: never set)."""
+def shown(record: dict[str, Any] | None, user_id: str, present: bool) -> dict[str, Any]:
+    """The presence others see for `user_id`, given its stored record (None: never set)
+    and whether they are present on some process."""
     chosen = record["status"] if record else "online"
     last_seen = record["last_seen"] if record else None
-    status = chosen if rt.presence.is_present(user_id) else "offline"
-    return presence_view(user_id, status, last_seen)
+    return presence_view(user_id, chosen if present else "offline", last_seen)
 
 
 async def publish(rt: Runtime, user_id: str, view: dict[str, Any]) -> None:
     """Tell the user's contacts (and the user's own devices) about a presence change."""
     contacts = await rt.storage.contact_ids(user_id)
-    rt.hub.publish([user_id, *contacts], "presence", view)
+    rt.bus.send([user_id, *contacts], "presence", view)
 
 
 async def set_status(rt: Runtime, user_id: str, status: str) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from config.settings import Settings
+from kisse.bus import Bus
 from kisse.hub import Hub
 from kisse.tasks import Background
 from storage.base import Storage
@@ -30,6 +31,7 @@ class Runtime:
     settings: Settings
     storage: Storage
     hub: Hub = field(default_factory=Hub)
+    bus: Bus = field(init=False)
     tasks: Background = field(default_factory=Background)
     presence: "PresenceTracker" = field(init=False)
     calls: "CallTimers" = field(init=False)

@@ -145,7 +145,7 @@ async def revoke(rt: Runtime, user_id: str, device_id: int | None = None,
     """Sign devices out: their tokens stop working now, their WebSockets close with 4003."""
     gone = await rt.storage.revoke_devices(user_id, device_id=device_id, keep_session=keep_session)
     if gone:
-        rt.hub.close_sessions(user_id, {d["session_id"] for d in gone}, protocol.CLOSE_REVOKED, "device signed out")
+        rt.bus.revoke_sessions(user_id, {d["session_id"] for d in gone}, protocol.CLOSE_REVOKED, "device signed out")
     return gone
 
 

@@ -30,7 +30,7 @@ class TypingTracker:
         self._active[key] = (conn_id, others, timer)
         event = {"conversation_id": conversation_id, "user_id": user_id}
         if previous is None:  # a refresh extends the timer without a new event
-            self.rt.hub.publish(others, "typing.start", event)
+            self.rt.bus.send(others, "typing.start", event)
         return event
 
     async def stop(self, user_id: str, conversation_id: str) -> dict[str, str]:
@@ -47,7 +47,7 @@ class TypingTracker:
             return
         _, others, timer = entry
         timer.cancel()
-        self.rt.hub.publish(others, "typing.stop",
+        self.rt.bus.send(others, "typing.stop",
                             {"conversation_id": key[0], "user_id": key[1], "reason": reason})
 
     def _connection_closed(self, connection: Connection) -> None:

@@ -134,4 +134,4 @@ async def test_unknown_users_are_verified_against_a_hash_made_at_start_up(app, s
 
 async def test_health_and_ready(api):
     assert await api.call("GET", "/healthz") == (200, {"status": "ok"})
-    assert await api.call("GET", "/readyz") == (200, {"status": "ready"})
+    assert await api.call("GET", "/readyz") == (200, {"status": "ready", "bus": {"bus": "local", "state": "ok"}})

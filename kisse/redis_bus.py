@@ -1,0 +1,314 @@
+"""The Redis bus: several Kisse processes (nodes) on one Redis share live events.
+
+Routing is by where users are connected, never a broadcast of every event:
+
+* a **directory**: `kisse:user:<id>` is the set of nodes where that user is
+  present (connected, or within KISSE_PRESENCE_GRACE of their last
+  connection); `kisse:node:<id>:users` is the same from the node's side;
+* **leases**: each node keeps `kisse:node:<id>:alive` (expiring after
+  KISSE_BUS_LEASE) and renews it every third of that; a directory entry
+  counts only while its node's lease lives;
+* **one channel per node**, `kisse:to:<node>`: an event goes, once, to each
+  other live node holding at least one of its recipients (users, or the one
+  connection it is for), with just those recipients. `kisse:everywhere` is
+  for the rare events every node must see (a cache to drop).
+
+Per event: one pipelined read of the recipients' directory entries (two
+users for a direct message) and one PUBLISH per remote node that has
+recipients. Per connection: one SADD when a user's first connection on the
+node opens, one SREM when their grace ends. Events queue in order, in one
+bounded queue, and leave in batches: a batch costs two round trips whatever
+its size.
+
+A node found dead (its lease gone) is reaped by one live node (a lock): its
+users are removed from the directory, and those present nowhere else go
+offline for their contacts. When Redis is away, events for this node's own
+connections still flow, events for other nodes are counted as undelivered
+(clients catch up with `sync`: the store is the record), `/readyz` says
+`degraded`, and the node re-announces its users once Redis answers again.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Iterable
+from typing import Any
+
+import orjson
+import redis.asyncio as redis
+from redis.exceptions import RedisError
+
+from kisse.bus import Bus, Event
+from kisse.hub import Hub
+from storage.base import new_id
+
+log = logging.getLogger("kisse.bus")
+
+QUEUE_MAX = 10_000  # events waiting to leave; beyond, they are counted undelivered
+BATCH_MAX = 512
+EVERYWHERE = "kisse:everywhere"
+NODES = "kisse:nodes"
+REDIS_TIMEOUT = 2.0  # seconds a Redis command may take before the bus counts as degraded
+
+
+def _user_key(user_id: str) -> str:
+    return f"kisse:user:{user_id}"
+
+
+def _node_users(node: str) -> str:
+    return f"kisse:node:{node}:users"
+
+
+def _alive_key(node: str) -> str:
+    return f"kisse:node:{node}:alive"
+
+
+def _channel(node: str) -> str:
+    return f"kisse:to:{node}"
+
+
+class RedisBus(Bus):
+    name = "redis"
+
+    def __init__(self, hub: Hub, settings: Any) -> None:
+        super().__init__(hub)
+        self.url = settings.bus
+        self.lease = settings.bus_lease
+        self.node = new_id()
+        self.redis = redis.from_url(self.url, socket_timeout=REDIS_TIMEOUT, socket_connect_timeout=REDIS_TIMEOUT)
+        self.state = "starting"
+        self.stats = {"published": 0, "received": 0, "undelivered": 0, "operations": 0}
+        self._queue: asyncio.Queue[Event] = asyncio.Queue(QUEUE_MAX)
+        self._alive: set[str] = set()
+        self._present: set[str] = set()  # users this node has announced in the directory
+        self._reannounce = False  # Redis was away: tell it again who is here
+        self._tasks: list[asyncio.Task] = []
+
+    # -- lifecycle ---------------------------------------------------------------
+    async def start(self) -> None:
+        try:
+            await self._heartbeat()
+            self.state = "ok"
+        except (RedisError, OSError) as error:
+            # Start anyway: local events flow, and the node joins once Redis answers.
+            log.warning("redis bus unreachable at start (%s); retrying", type(error).__name__)
+            self.state = "degraded"
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._sender()), loop.create_task(self._receiver()),
+                       loop.create_task(self._leases())]
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        try:  # leave at once rather than after the lease: others stop routing here
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for user_id in self._present:
+                    pipe.srem(_user_key(user_id), self.node)
+                pipe.delete(_node_users(self.node), _alive_key(self.node))
+                pipe.srem(NODES, self.node)
+                await pipe.execute()
+        except (RedisError, OSError):
+            pass
+        await self.redis.aclose()
+
+    def health(self) -> dict[str, Any]:
+        return {"bus": self.name, "state": self.state, "node": self.node, "nodes_alive": len(self._alive),
+                "queued": self._queue.qsize(), **self.stats}
+
+    # -- the directory -------------------------------------------------------------
+    async def joined(self, user_id: str) -> None:
+        self._present.add(user_id)
+        await self._safely(self._announce([user_id]))
+
+    async def left(self, user_id: str) -> None:
+        self._present.discard(user_id)
+
+        async def remove() -> None:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.srem(_user_key(user_id), self.node)
+                pipe.srem(_node_users(self.node), user_id)
+                await pipe.execute()
+        await self._safely(remove())
+
+    async def _announce(self, user_ids: Iterable[str]) -> None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            users = list(user_ids)
+            for user_id in users:
+                pipe.sadd(_user_key(user_id), self.node)
+            if users:
+                pipe.sadd(_node_users(self.node), *users)
+            await pipe.execute()
+
+    async def _nodes_of(self, user_ids: list[str]) -> dict[str, set[str]]:
+        """Live nodes of each user (this one included)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for user_id in user_ids:
+                pipe.smembers(_user_key(user_id))
+            found = await pipe.execute()
+        self.stats["operations"] += 1
+        alive = self._alive | {self.node}
+        return {u: {n.decode() for n in nodes} & alive for u, nodes in zip(user_ids, found)}
+
+    async def present(self, user_ids: Iterable[str]) -> set[str]:
+        users = list(dict.fromkeys(user_ids))
+        here = {u for u in users if self.hub.is_connected(u) or u in self._present}
+        rest = [u for u in users if u not in here]
+        if not rest or self.state != "ok":
+            return here
+        try:
+            nodes = await self._nodes_of(rest)
+        except (RedisError, OSError):
+            return here
+        return here | {u for u, n in nodes.items() if n}
+
+    async def present_elsewhere(self, user_id: str) -> bool:
+        try:
+            return bool((await self._nodes_of([user_id]))[user_id] - {self.node})
+        except (RedisError, OSError):
+            return False
+
+    # -- events ------------------------------------------------------------------
+    def publish(self, event: Event) -> int:
+        delivered = self.deliver(event)
+        try:
+            self._queue.put_nowait(event)
+        except asyncio.QueueFull:
+            self.stats["undelivered"] += 1
+        return delivered
+
+    async def _sender(self) -> None:
+        """Events leave in order, in batches: one directory read and one publish pipeline each."""
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < BATCH_MAX and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            try:
+                await self._send(batch)
+                self._ok()
+            except (RedisError, OSError) as error:
+                self.stats["undelivered"] += len(batch)
+                self._degraded(error)
+                await asyncio.sleep(0.1)
+
+    async def _send(self, batch: list[Event]) -> None:
+        users = list(dict.fromkeys(u for e in batch if not e.everywhere for u in e.users))
+        nodes = await self._nodes_of(users) if users else {}
+        async with self.redis.pipeline(transaction=False) as pipe:
+            published = 0
+            for event in batch:
+                if event.everywhere:
+                    pipe.publish(EVERYWHERE, orjson.dumps({"from": self.node, "event": event.to_json()}))
+                    published += 1
+                    continue
+                by_node: dict[str, list[str]] = {}
+                for user_id in (event.users[:1] if event.conn else event.users):
+                    for node in nodes.get(user_id, ()):
+                        if node != self.node:
+                            by_node.setdefault(node, []).append(user_id)
+                for node, recipients in by_node.items():
+                    part = Event(event.type, event.data, tuple(recipients), event.conn, event.exclude_conn)
+                    pipe.publish(_channel(node), orjson.dumps({"from": self.node, "event": part.to_json()}))
+                    published += 1
+            if published:
+                await pipe.execute()
+                self.stats["operations"] += 1
+                self.stats["published"] += published
+
+    async def _receiver(self) -> None:
+        backoff = 0.1
+        while True:
+            pubsub = self.redis.pubsub()
+            try:
+                await pubsub.subscribe(_channel(self.node), EVERYWHERE)
+                backoff = 0.1
+                while True:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    if message is None:
+                        continue
+                    raw = orjson.loads(message["data"])
+                    if raw["from"] == self.node:
+                        continue  # our own `everywhere` event, delivered when published
+                    self.stats["received"] += 1
+                    self.deliver(Event.from_json(raw["event"]))
+            except asyncio.CancelledError:
+                await self._close_pubsub(pubsub)
+                raise
+            except (RedisError, OSError) as error:
+                self._degraded(error)
+                await self._close_pubsub(pubsub)
+                await asyncio.sleep(backoff * random.uniform(0.5, 1.5))
+                backoff = min(backoff * 2, self.lease / 3)
+
+    @staticmethod
+    async def _close_pubsub(pubsub: Any) -> None:
+        try:
+            await pubsub.aclose()
+        except Exception:  # the connection is gone already
+            pass
+
+    # -- leases and reaping ----------------------------------------------------------
+    async def _leases(self) -> None:
+        while True:
+            await asyncio.sleep(self.lease / 3)
+            try:
+                await self._heartbeat()
+                self._ok()
+            except (RedisError, OSError) as error:
+                self._degraded(error)
+
+    async def _heartbeat(self) -> None:
+        """Renew this node's lease, learn which nodes live, reap the dead ones."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.set(_alive_key(self.node), b"1", px=int(self.lease * 1000))
+            pipe.sadd(NODES, self.node)
+            pipe.smembers(NODES)
+            *_, members = await pipe.execute()
+        nodes = [n.decode() for n in members]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for node in nodes:
+                pipe.exists(_alive_key(node))
+            alive = await pipe.execute()
+        self._alive = {n for n, a in zip(nodes, alive) if a}
+        if self._reannounce:  # Redis was away (or restarted, empty): tell it again who is here
+            await self._announce(self._present)
+            self._reannounce = False
+        for node in set(nodes) - self._alive:
+            await self._reap(node)
+
+    async def _reap(self, node: str) -> None:
+        if not await self.redis.set(f"kisse:reap:{node}", self.node, nx=True, ex=60):
+            return  # another node is reaping it
+        users = [u.decode() for u in await self.redis.smembers(_node_users(node))]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for user_id in users:
+                pipe.srem(_user_key(user_id), node)
+            pipe.delete(_node_users(node))
+            pipe.srem(NODES, node)
+            await pipe.execute()
+        log.warning("cluster node %s is gone (lease expired): %d users released", node, len(users))
+        if users:
+            nodes = await self._nodes_of(users)
+            for user_id in users:
+                if not nodes[user_id]:
+                    for listener in self.on_user_gone:
+                        listener(user_id)
+
+    # -- state ---------------------------------------------------------------------
+    async def _safely(self, operation: Any) -> None:
+        try:
+            await operation
+        except (RedisError, OSError) as error:
+            self._degraded(error)
+
+    def _ok(self) -> None:
+        if self.state != "ok":
+            log.warning("redis bus is back")
+        self.state = "ok"
+
+    def _degraded(self, error: BaseException) -> None:
+        self._reannounce = True
+        if self.state != "degraded":
+            log.warning("redis bus degraded: %s", type(error).__name__)
+        self.state = "degraded"
