@@ -29,19 +29,24 @@ class Blocks:
         self._size = size
         self._blocked: dict[str, frozenset[str]] = {}
         self._blockers: dict[str, frozenset[str]] = {}
+        self._version = 0  # counts forgets: a read under way during one is used, not kept
 
     async def blocked(self, user_id: str) -> frozenset[str]:
         found = self._blocked.get(user_id)
         if found is None:
+            version = self._version
             found = frozenset(b["user_id"] for b in await self._rt.storage.list_blocks(user_id))
-            self._keep(self._blocked, user_id, found)
+            if version == self._version:
+                self._keep(self._blocked, user_id, found)
         return found
 
     async def blockers(self, user_id: str) -> frozenset[str]:
         found = self._blockers.get(user_id)
         if found is None:
+            version = self._version
             found = frozenset(await self._rt.storage.blockers_of(user_id))
-            self._keep(self._blockers, user_id, found)
+            if version == self._version:
+                self._keep(self._blockers, user_id, found)
         return found
 
     async def either_way(self, user_id: str) -> frozenset[str]:
@@ -54,6 +59,7 @@ class Blocks:
         cache[user_id] = found
 
     def forget(self, *user_ids: str) -> None:
+        self._version += 1
         for user_id in user_ids:
             self._blocked.pop(user_id, None)
             self._blockers.pop(user_id, None)

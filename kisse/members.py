@@ -1,9 +1,9 @@
 """Who belongs to a conversation, and how, kept in process.
 
 Membership changes (accept, leave, add, remove, roles): every change goes
-through `kisse/membership.py`, which remembers the new membership here and
-publishes `conversation.changed` on the bus, so every process of a cluster
-forgets its copy (`on_event`).
+through `kisse/membership.py`, which publishes `conversation.changed` on the
+bus once storage has it, so every process of a cluster forgets its copy
+(`on_event`) and reads the new one when it next needs it.
 """
 from __future__ import annotations
 
@@ -34,21 +34,29 @@ class Membership:
 
 
 class Members:
-    """Memberships by conversation id, read from storage on a miss."""
+    """Memberships by conversation id, read from storage on a miss.
+
+    A change anywhere makes every process `forget` (a bus event). A read that
+    was already under way when something was forgotten may hold the old
+    membership, so it is used but not kept: `_version` counts forgets."""
 
     def __init__(self, storage: Storage, size: int = CACHE_SIZE) -> None:
         self._storage = storage
         self._size = size
         self._by_conversation: dict[str, Membership] = {}
+        self._version = 0
 
     async def membership(self, conversation_id: str) -> Membership | None:
         """The membership, or None if there is no such conversation."""
         membership = self._by_conversation.get(conversation_id)
         if membership is None:
+            version = self._version
             conversation = await self._storage.get_conversation(conversation_id)
             if conversation is None:
                 return None
-            membership = self.remember(conversation)
+            membership = Membership.of(conversation)
+            if version == self._version:
+                self._keep(conversation_id, membership)
         return membership
 
     async def of(self, conversation_id: str) -> tuple[str, ...] | None:
@@ -61,14 +69,18 @@ class Members:
         return self._by_conversation.get(conversation_id)
 
     def remember(self, conversation: Record) -> Membership:
-        """Cache the membership of a conversation record just read or changed."""
+        """Cache the membership of a conversation just created (nobody can have changed it)."""
         membership = Membership.of(conversation)
-        if conversation["id"] not in self._by_conversation and len(self._by_conversation) >= self._size:
-            del self._by_conversation[next(iter(self._by_conversation))]  # the oldest entry
-        self._by_conversation[conversation["id"]] = membership
+        self._keep(conversation["id"], membership)
         return membership
 
+    def _keep(self, conversation_id: str, membership: Membership) -> None:
+        if conversation_id not in self._by_conversation and len(self._by_conversation) >= self._size:
+            del self._by_conversation[next(iter(self._by_conversation))]  # the oldest entry
+        self._by_conversation[conversation_id] = membership
+
     def forget(self, conversation_id: str) -> None:
+        self._version += 1
         self._by_conversation.pop(conversation_id, None)
 
     def on_event(self, event: Event) -> None:

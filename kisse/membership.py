@@ -17,6 +17,12 @@ from kisse.runtime import Runtime
 from storage.base import Record
 
 
+def _accepted(conversation: Record) -> list[str]:
+    """Who hears a conversation's changes: members who accepted it. A request's
+    recipient got one `conversation.request`, and nothing else until they accept."""
+    return [m for m in conversation["participant_ids"] if m not in conversation["requests"]]
+
+
 def _updated(conversation: Record) -> dict[str, Any]:
     return {"conversation_id": conversation["id"], "title": conversation["title"],
             "admins": list(conversation["admins"])}
@@ -52,9 +58,9 @@ async def leave(rt: Runtime, user_id: str, conversation_id: str, by: str | None 
     messaging.membership_changed(rt, conversation)
     event = {"conversation_id": conversation_id, "user_id": user_id, "by": by or user_id,
              "reason": "removed" if by and by != user_id else "left"}
-    rt.bus.send([*conversation["participant_ids"], user_id], "member.removed", event)
+    rt.bus.send([*_accepted(conversation), user_id], "member.removed", event)
     if set(conversation["admins"]) != before.admins:  # the last admin left: someone was promoted
-        rt.bus.send(conversation["participant_ids"], "conversation.updated", _updated(conversation))
+        rt.bus.send(_accepted(conversation), "conversation.updated", _updated(conversation))
 
 
 async def _admin_of_group(rt: Runtime, user_id: str, conversation_id: str) -> None:
@@ -78,7 +84,7 @@ async def add_members(rt: Runtime, admin_id: str, conversation_id: str, user_ids
     conversation, added = changed
     messaging.membership_changed(rt, conversation)
     if added:
-        others = [m for m in conversation["participant_ids"] if m not in added]
+        others = [m for m in _accepted(conversation) if m not in added]
         rt.bus.send(others, "member.added", {"conversation_id": conversation_id, "user_ids": added,
                                                 "by": admin_id})
         for user_id in added:
@@ -103,12 +109,11 @@ async def set_role(rt: Runtime, admin_id: str, conversation_id: str, user_id: st
     if conversation is None:
         raise NotFound("no such member", code="member_not_found")
     if not conversation["admins"]:  # the last admin stepped down: undo, a group keeps one
-        conversation = await rt.storage.set_admin(conversation_id, user_id, True)
-        assert conversation is not None
+        conversation = await rt.storage.set_admin(conversation_id, user_id, True) or conversation
         messaging.membership_changed(rt, conversation)
         raise Conflict("a group needs an admin: promote someone else first", code="last_admin")
     messaging.membership_changed(rt, conversation)
-    rt.bus.send(conversation["participant_ids"], "conversation.updated", _updated(conversation))
+    rt.bus.send(_accepted(conversation), "conversation.updated", _updated(conversation))
     return {"conversation": await messaging.conversation_view(rt, conversation, admin_id)}
 
 
@@ -117,5 +122,5 @@ async def set_title(rt: Runtime, admin_id: str, conversation_id: str, title: str
     conversation = await rt.storage.set_title(conversation_id, title)
     if conversation is None:
         raise messaging.no_conversation()
-    rt.bus.send(conversation["participant_ids"], "conversation.updated", _updated(conversation))
+    rt.bus.send(_accepted(conversation), "conversation.updated", _updated(conversation))
     return {"conversation": await messaging.conversation_view(rt, conversation, admin_id)}

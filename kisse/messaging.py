@@ -71,9 +71,8 @@ async def conversation_members(rt: Runtime, user_id: str, conversation_id: str) 
 
 
 def membership_changed(rt: Runtime, conversation: Record) -> None:
-    """Every process forgets the conversation's cached membership; this one learns the new one."""
+    """Every process (this one too) forgets the conversation's cached membership."""
     rt.bus.changed(CONVERSATION_CHANGED, {"conversation_id": conversation["id"]})
-    rt.members.remember(conversation)
 
 
 async def check_reachable(rt: Runtime, user_id: str, others: list[str]) -> None:
@@ -132,13 +131,14 @@ async def conversation_views(rt: Runtime, conversations: list[Record], viewer_id
     presences = await rt.storage.get_presences(member_ids)
     viewer_contacts = await rt.storage.contact_ids(viewer_id)
     present = await rt.presence.present_among([m for m in member_ids if m in viewer_contacts or m == viewer_id])
-    return [await _conversation_view(rt, c, viewer_id, users, presences, viewer_contacts, present)
+    hidden = await rt.blocks.blocked(viewer_id)
+    return [await _conversation_view(rt, c, viewer_id, users, presences, viewer_contacts, present, hidden)
             for c in conversations]
 
 
 async def _conversation_view(rt: Runtime, conversation: Record, viewer_id: str, users: dict[str, Record],
                              presences: dict[str, Record], viewer_contacts: set[str],
-                             present: set[str]) -> dict[str, Any]:
+                             present: set[str], hidden: frozenset[str]) -> dict[str, Any]:
     admins = set(conversation["admins"])
 
     def shown_presence(user: Record) -> dict[str, Any] | None:
@@ -148,28 +148,31 @@ async def _conversation_view(rt: Runtime, conversation: Record, viewer_id: str, 
             return None  # the contact boundary: not "offline", just not yours to see
         return presence.shown(presences.get(user["id"]), user["id"], user["id"] in present)
 
+    former = former_entry(conversation, viewer_id) if viewer_id not in conversation["participant_ids"] else None
+    if former is not None:
+        # Someone who left sees the conversation as it was when they left, nothing since.
+        return {"id": conversation["id"], "kind": conversation["kind"], "title": former.get("title"),
+                "created_by": conversation["created_by"], "created_at": iso(conversation["created_at"]),
+                "last_activity_at": iso(former.get("left_at") or conversation["created_at"]),
+                "last_seq": former["up_to_seq"], "participants": [],
+                "membership": {"state": "left", "role": "member", "up_to_seq": former["up_to_seq"]},
+                "last_message": None, "unread_count": 0}
     participants = [{**{k: v for k, v in user_view(user).items() if k != "created_at"},
                      "role": "admin" if user["id"] in admins else "member", "presence": shown_presence(user)}
                     for user in (users.get(m) for m in conversation["participant_ids"]) if user is not None]
-    former = former_entry(conversation, viewer_id) if viewer_id not in conversation["participant_ids"] else None
-    if former is not None:
-        membership: dict[str, Any] = {"state": "left", "role": "member", "up_to_seq": former["up_to_seq"]}
-    else:
-        membership = {"state": "request" if viewer_id in conversation["requests"] else "accepted",
-                      "role": "admin" if viewer_id in admins else "member"}
+    membership = {"state": "request" if viewer_id in conversation["requests"] else "accepted",
+                  "role": "admin" if viewer_id in admins else "member"}
     receipt = (await rt.storage.get_receipts(conversation["id"])).get(viewer_id)
     read_seq = receipt["read_seq"] if receipt else 0
-    visible_seq = former["up_to_seq"] if former else conversation["last_seq"]
-    unread = (await rt.storage.count_unread(conversation["id"], viewer_id, read_seq)
-              if visible_seq > read_seq and former is None else 0)
+    unread = (await rt.storage.count_unread(conversation["id"], viewer_id, read_seq, hidden)
+              if conversation["last_seq"] > read_seq else 0)
     last = conversation["last_message"]
-    if former is not None and last is not None and last["seq"] > former["up_to_seq"]:
-        last = None  # sent after they left
+    last_view = None if last is None else blocked_view(last) if last["sender_id"] in hidden else message_view(last)
     return {"id": conversation["id"], "kind": conversation["kind"], "title": conversation["title"],
             "created_by": conversation["created_by"], "created_at": iso(conversation["created_at"]),
             "last_activity_at": iso(conversation["last_activity_at"]),
-            "last_seq": visible_seq, "participants": participants, "membership": membership,
-            "last_message": message_view(last) if last else None, "unread_count": unread}
+            "last_seq": conversation["last_seq"], "participants": participants, "membership": membership,
+            "last_message": last_view, "unread_count": unread}
 
 
 async def list_conversations(rt: Runtime, user_id: str, limit: int, before: tuple[datetime, str] | None,
@@ -331,6 +334,8 @@ async def message_receipts(rt: Runtime, user_id: str, message_id: str) -> dict[s
     """Per member who has accepted the conversation (but the sender and anyone blocked
     either way): has this message been delivered, read?"""
     message, membership = await member_message(rt, user_id, message_id)
+    if not membership.accepted(user_id):  # a request sees no receipts (kisse/contacts.py)
+        raise NotFound("no such message", code="message_not_found")
     cursors = await rt.storage.get_receipts(message["conversation_id"])
     cut = await rt.blocks.either_way(user_id)
     members = []

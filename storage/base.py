@@ -9,7 +9,7 @@ from __future__ import annotations
 import secrets
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from datetime import datetime, timezone
 from typing import Any, Literal
 
@@ -180,8 +180,9 @@ class Storage(ABC):
     # -- conversations -------------------------------------------------------
     # A conversation's members are `participant_ids` (in the order they joined);
     # `requests` are the members who have not accepted it yet; `admins` run a
-    # group; `former` is `[{user_id, up_to_seq}]`: who left (or was removed,
-    # or declined) and the last seq they may still read. Every change of
+    # group; `former` is `[{user_id, up_to_seq, title, left_at}]`: who left (or
+    # was removed, or declined), the last seq they may still read, and the
+    # title and time when they did. Every change of
     # membership is one atomic step, so racing changes never lose one another.
     @abstractmethod
     async def get_or_create_direct(self, creator_id: str, other_id: str) -> tuple[Record, bool]:
@@ -305,8 +306,10 @@ class Storage(ABC):
         unchanged and the caller compares to see whether it won."""
 
     @abstractmethod
-    async def count_unread(self, conversation_id: str, user_id: str, after_seq: int) -> int:
-        """Messages with seq > `after_seq` sent by someone other than `user_id`."""
+    async def count_unread(self, conversation_id: str, user_id: str, after_seq: int,
+                           ignoring: Iterable[str] = ()) -> int:
+        """Messages (not tombstones) with seq > `after_seq` sent by someone other than
+        `user_id` and not by anyone in `ignoring` (whom they blocked)."""
 
     # -- receipts ------------------------------------------------------------
     @abstractmethod

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from datetime import datetime
 from typing import Any
 
@@ -316,7 +316,8 @@ class MemoryStorage(Storage):
             admins = [next((m for m in members if m not in requests), members[0])]
         conversation.update(participant_ids=members, requests=requests, admins=admins, former=[
             *(f for f in conversation["former"] if f["user_id"] != user_id),
-            {"user_id": user_id, "up_to_seq": conversation["last_seq"]}])
+            {"user_id": user_id, "up_to_seq": conversation["last_seq"], "title": conversation["title"],
+             "left_at": utcnow()}])
         self._member_of.get(user_id, set()).discard(conversation_id)
         return _copy(conversation)
 
@@ -423,9 +424,11 @@ class MemoryStorage(Storage):
                 conversation["last_message"] = _metadata(message)
         return _copy(message)
 
-    async def count_unread(self, conversation_id: str, user_id: str, after_seq: int) -> int:
+    async def count_unread(self, conversation_id: str, user_id: str, after_seq: int,
+                           ignoring: Iterable[str] = ()) -> int:
         log = self._by_conversation.get(conversation_id, [])
-        return sum(1 for m in log[max(after_seq, 0):] if m["sender_id"] != user_id)
+        skip = {user_id, *ignoring}
+        return sum(1 for m in log[max(after_seq, 0):] if m["sender_id"] not in skip and not m.get("tombstone"))
 
     # -- receipts ------------------------------------------------------------
     async def advance_receipt(self, conversation_id: str, user_id: str, kind: ReceiptKind,

@@ -123,7 +123,8 @@ class ConversationsMixin:
             {"$set": {"participant_ids": "$_members", "requests": "$_requests",
                       "admins": {"$cond": [orphaned, [heir], "$_admins"]},
                       "former": {"$concatArrays": [_former_without(me),
-                                                   [{"user_id": me[0], "up_to_seq": "$last_seq"}]]}}},
+                                                   [{"user_id": me[0], "up_to_seq": "$last_seq",
+                                                     "title": "$title", "left_at": {"$literal": utcnow()}}]]}}},
             {"$unset": ["_members", "_requests", "_admins"]}])
 
     async def add_members(self, conversation_id: str, user_ids: list[str],

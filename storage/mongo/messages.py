@@ -44,6 +44,7 @@ same way.
 from __future__ import annotations
 
 from datetime import datetime
+from collections.abc import Iterable
 from typing import Any
 
 from pymongo import ASCENDING, DESCENDING, ReturnDocument
@@ -221,7 +222,8 @@ class MessagesMixin:
             {"$set": {"last_message.content": content}})
         return records.message(doc)
 
-    async def count_unread(self, conversation_id: str, user_id: str, after_seq: int) -> int:
+    async def count_unread(self, conversation_id: str, user_id: str, after_seq: int,
+                           ignoring: Iterable[str] = ()) -> int:
         return await self._messages.count_documents(
-            {"conversation_id": conversation_id, "seq": {"$gt": after_seq}, "sender_id": {"$ne": user_id},
-             "tombstone": {"$exists": False}})
+            {"conversation_id": conversation_id, "seq": {"$gt": after_seq},
+             "sender_id": {"$nin": [user_id, *ignoring]}, "tombstone": {"$exists": False}})

@@ -249,3 +249,45 @@ async def test_racing_adds_and_leaves_keep_one_membership(api):
     assert all(status in (200, 204) for status, _ in results)
     view = (await api.call("GET", base, ta))[1]["conversation"]
     assert {p["id"] for p in view["participants"]} == {alice["id"], *(u["id"] for _, u in others[2:])}
+
+
+async def test_a_request_sees_no_receipts_no_group_events_and_a_blocked_sender_no_badge(api, ws_url):
+    ta, alice = await api.register()
+    tb, bob = await api.register()
+    tx, stranger = await api.register()
+    _, dora = await api.register()
+    group = await api.conversation(ta, bob, dora, title="g")
+    message = await api.send(ta, group["id"], "m1")
+    await api.call("POST", f"/api/messages/{message['id']}/read", tb)
+    added = await api.call("POST", f"/api/conversations/{group['id']}/members", ta, {"user_ids": [stranger["id"]]})
+    assert added[0] == 200
+    assert (await api.call("GET", f"/api/messages/{message['id']}/receipts", tx))[0] == 404
+    wx = await Ws.connect(ws_url, tx)
+    try:
+        await api.call("PATCH", f"/api/conversations/{group['id']}", ta, {"title": "spam title"})
+        _, carol = await api.register()
+        await api.call("POST", f"/api/conversations/{group['id']}/members", ta, {"user_ids": [carol["id"]]})
+        await wx.no_event("conversation.updated", 0.3)
+        await wx.no_event("member.added", 0.1)
+    finally:
+        wx.close()
+    # Bob blocks Alice: her messages neither count nor show in his list.
+    await api.call("POST", f"/api/users/{alice['id']}/block", tb)
+    for n in range(3):
+        await api.send(ta, group["id"], f"after-block-{n}")
+    view = (await api.call("GET", f"/api/conversations/{group['id']}", tb))[1]["conversation"]
+    assert view["unread_count"] == 0
+    assert view["last_message"]["tombstone"] == "blocked" and view["last_message"]["sender_id"] is None
+
+
+async def test_someone_who_left_sees_the_conversation_as_it_was(api):
+    ta, alice = await api.register()
+    tb, bob = await api.register()
+    tc, carol = await api.register()
+    group = await api.conversation(ta, bob, carol, title="before")
+    await api.call("POST", f"/api/conversations/{group['id']}/leave", tc)
+    await api.call("PATCH", f"/api/conversations/{group['id']}", ta, {"title": "secret"})
+    await api.send(ta, group["id"], "later")
+    view = (await api.call("GET", f"/api/conversations/{group['id']}", tc))[1]["conversation"]
+    assert view["title"] == "before" and view["participants"] == [] and view["last_message"] is None
+    assert view["last_seq"] == 0 and view["membership"]["state"] == "left"

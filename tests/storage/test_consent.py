@@ -38,7 +38,8 @@ async def test_a_declined_direct_conversation_comes_back_as_a_new_request(storag
     await storage.add_message(conv["id"], a["id"], "hello", b"x", None)
     left = await storage.leave_conversation(conv["id"], b["id"])
     assert left["participant_ids"] == [a["id"]] and left["requests"] == []
-    assert left["former"] == [{"user_id": b["id"], "up_to_seq": 1}]
+    assert [(f["user_id"], f["up_to_seq"], f["title"]) for f in left["former"]] == [(b["id"], 1, None)]
+    assert left["former"][0]["left_at"] >= conv["created_at"]
     assert await ids(storage, b["id"], "all") == []
     assert await storage.leave_conversation(conv["id"], b["id"]) is None  # not a member any more
     back, created = await storage.get_or_create_direct(a["id"], b["id"])
@@ -79,7 +80,7 @@ async def test_the_last_admin_leaving_hands_the_group_to_its_longest_standing_ac
     await storage.add_message(group["id"], a["id"], "one", b"x", None)
     after = await storage.leave_conversation(group["id"], a["id"])
     assert after["admins"] == [c["id"]]  # b joined first but has not accepted
-    assert after["former"] == [{"user_id": a["id"], "up_to_seq": 1}]
+    assert [(f["user_id"], f["up_to_seq"]) for f in after["former"]] == [(a["id"], 1)]
     # Nobody accepted: the longest-standing member.
     group2 = await storage.create_group(a["id"], [a["id"], b["id"], d["id"]], None)
     assert (await storage.leave_conversation(group2["id"], a["id"]))["admins"] == [b["id"]]
