@@ -81,6 +81,9 @@ class RedisBus(Bus):
         self.stats = {"published": 0, "received": 0, "undelivered": 0, "operations": 0}
         self._queue: asyncio.Queue[Event] = asyncio.Queue(QUEUE_MAX)
         self._alive: set[str] = set()
+        # Nodes whose lease ran out, as of the last heartbeat. A node not known dead
+        # counts as alive: a node that just started is routed to at once.
+        self._dead: set[str] = set()
         self._present: set[str] = set()  # users this node has announced in the directory
         self._reannounce = False  # Redis was away: tell it again who is here
         self._tasks: list[asyncio.Task] = []
@@ -142,14 +145,13 @@ class RedisBus(Bus):
             await pipe.execute()
 
     async def _nodes_of(self, user_ids: list[str]) -> dict[str, set[str]]:
-        """Live nodes of each user (this one included)."""
+        """The nodes of each user not known dead (this one included)."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for user_id in user_ids:
                 pipe.smembers(_user_key(user_id))
             found = await pipe.execute()
         self.stats["operations"] += 1
-        alive = self._alive | {self.node}
-        return {u: {n.decode() for n in nodes} & alive for u, nodes in zip(user_ids, found)}
+        return {u: {n.decode() for n in nodes} - self._dead for u, nodes in zip(user_ids, found)}
 
     async def present(self, user_ids: Iterable[str]) -> set[str]:
         users = list(dict.fromkeys(user_ids))
@@ -271,6 +273,7 @@ class RedisBus(Bus):
                 pipe.exists(_alive_key(node))
             alive = await pipe.execute()
         self._alive = {n for n, a in zip(nodes, alive) if a}
+        self._dead = set(nodes) - self._alive - {self.node}
         if self._reannounce:  # Redis was away (or restarted, empty): tell it again who is here
             await self._announce(self._present)
             self._reannounce = False

@@ -1,0 +1,225 @@
+"""Cluster mode: three real `python -m kisse` processes on one MongoDB (mongoeco)
+and one redis-server behave as one server. Timers are short (lease 1.5 s,
+presence grace 0.5 s); every wait is a generous deadline."""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from tornado.httpclient import AsyncHTTPClient
+
+from tests import mongo_server, redis_server
+from tests.client import WAIT, Api, Ws
+from tests.served import KisseProcess
+
+JWT_SECRET = "cluster-test-secret-that-is-long-enough-for-hs256"
+LEASE = 1.5
+GRACE = 0.5
+
+pytestmark = pytest.mark.gen_test(timeout=120)
+
+
+def _needs() -> None:
+    for reason in (redis_server.unavailable_reason(), mongo_server.unavailable_reason()):
+        if reason:
+            if os.environ.get("CI") == "true":
+                pytest.fail(reason)
+            pytest.skip(reason)
+
+
+@pytest.fixture
+def cluster(tmp_path) -> Iterator[dict[str, Any]]:
+    _needs()
+    redis = redis_server.RedisServer().start()
+    database = f"kisse_cluster_{uuid.uuid4().hex[:8]}"
+    env = {"KISSE_STORAGE": mongo_server.shared_server().uri(database), "KISSE_BUS": redis.url,
+           "KISSE_JWT_SECRET": JWT_SECRET, "KISSE_BUS_LEASE": str(LEASE), "KISSE_PRESENCE_GRACE": str(GRACE),
+           "KISSE_CALL_RING_TIMEOUT": "2", "KISSE_CALL_SWEEP_INTERVAL": "0.3", "KISSE_WS_PING": "5"}
+    nodes = []
+    try:
+        for i in range(3):
+            log = open(tmp_path / f"node{i + 1}.log", "w")  # noqa: SIM115 - the process holds it
+            nodes.append(KisseProcess(env, stderr=log).start())
+        yield {"redis": redis, "nodes": nodes, "env": env}
+    finally:
+        for node in nodes:
+            node.stop()
+        redis.stop()
+
+
+def ws_url(node: KisseProcess) -> str:
+    return node.base.replace("http://", "ws://") + "/ws"
+
+
+def api(node: KisseProcess) -> Api:
+    return Api(AsyncHTTPClient(), node.base)
+
+
+async def friends(node: KisseProcess) -> tuple[Api, tuple[str, dict], tuple[str, dict], dict]:
+    a = api(node)
+    alice, bob = await a.register(), await a.register()
+    conversation = await a.conversation(alice[0], bob[1])
+    return a, alice, bob, conversation
+
+
+async def test_every_live_event_crosses_nodes(cluster):
+    n1, n2, n3 = cluster["nodes"]
+    a, (ta, alice), (tb, bob), conv = await friends(n1)
+    wa = await Ws.connect(ws_url(n1), ta)
+    wb = await Ws.connect(ws_url(n2), tb)
+    wb2 = await Ws.connect(ws_url(n3), tb)  # bob's second device, on a third node
+    try:
+        for ws in (wa, wb, wb2):
+            await ws.request("sync", {})
+        # Presence: bob, on nodes 2 and 3, shows online to alice through node 1.
+        status, seen = await a.call("GET", f"/api/presence/{bob['id']}", ta)
+        assert status == 200 and seen["presence"]["status"] == "online"
+        sent = (await wa.request("message.send", {"conversation_id": conv["id"], "client_message_id": "x1",
+                                                  "ciphertext": "AAEC"}))["data"]["message"]
+        for ws in (wb, wb2):
+            assert (await ws.event("message.new"))["data"]["id"] == sent["id"]
+        await wb.request("message.read", {"message_id": sent["id"]})
+        assert (await wa.event("message.receipt"))["data"]["read_seq"] == 1
+        assert (await wb2.event("message.receipt"))["data"]["user_id"] == bob["id"]  # his other device
+        await wa.request("typing.start", {"conversation_id": conv["id"]})
+        assert (await wb.event("typing.start"))["data"]["user_id"] == alice["id"]
+        await wb.request("presence.set", {"status": "busy"})
+        assert (await wa.event("presence"))["data"]["status"] == "busy"
+        # A call rings both of bob's devices; he answers on node 3; signalling reaches that device only.
+        call = (await wa.request("call.start", {"callee_id": bob["id"], "media": "audio"}))["data"]["call"]
+        for ws in (wb, wb2):
+            assert (await ws.event("call.incoming"))["data"]["id"] == call["id"]
+        await wb2.request("call.accept", {"call_id": call["id"]})
+        assert (await wa.event("call.state"))["data"]["status"] == "accepted"
+        assert (await wb.event("call.answered_elsewhere"))["data"]["id"] == call["id"]
+        await wa.request("call.offer", {"call_id": call["id"], "payload": {"sdp": "v=0"}})
+        assert (await wb2.event("call.offer"))["data"]["payload"] == {"sdp": "v=0"}
+        await wb.no_event("call.offer", 0.3)
+        await wa.request("call.hangup", {"call_id": call["id"]})
+        assert (await wb2.event("call.state"))["data"]["status"] == "ended"
+        # Revoking bob's node-2 device from node 1 closes it there with 4003, within a second.
+        devices = (await a.call("GET", "/api/devices", tb))[1]["devices"]
+        assert len(devices) == 1
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        assert (await a.call("POST", "/api/auth/logout", tb))[0] == 204
+        assert await asyncio.wait_for(wb.closed, WAIT) == 4003
+        assert await asyncio.wait_for(wb2.closed, WAIT) == 4003
+        assert loop.time() - started < 1.0
+    finally:
+        for ws in (wa, wb, wb2):
+            ws.close()
+
+
+async def test_a_membership_change_on_one_node_holds_on_every_node(cluster):
+    n1, n2, n3 = cluster["nodes"]
+    a1, a3 = api(n1), api(n3)
+    (ta, alice), (tb, bob), (tc, carol) = [await a1.register() for _ in range(3)]
+    a3.tokens.update(a1.tokens)
+    group = await a1.conversation(ta, bob, carol)
+    assert (await a3.send(ta, group["id"], "warm the node-3 cache"))["seq"] == 1
+    assert (await a1.call("POST", f"/api/conversations/{group['id']}/leave", tc))[0] == 204
+    await asyncio.sleep(0.3)  # the bus event reaches node 3
+    status, _ = await a3.call("POST", "/api/messages", tc, {"conversation_id": group["id"],
+                                                            "client_message_id": "after-leaving"})
+    assert status == 404
+
+
+async def test_a_dead_nodes_users_go_offline_and_its_clients_resume_elsewhere(cluster):
+    n1, n2, n3 = cluster["nodes"]
+    a, (ta, alice), (tb, bob), conv = await friends(n1)
+    wa = await Ws.connect(ws_url(n1), ta)
+    wb = await Ws.connect(ws_url(n2), tb)
+    try:
+        await wa.request("sync", {})
+        await wb.request("sync", {})
+        assert (await a.call("GET", f"/api/presence/{bob['id']}", ta))[1]["presence"]["status"] == "online"
+        for n in range(5):
+            await a.send(ta, conv["id"], f"before-{n}")
+        n2.process.send_signal(signal.SIGKILL)
+        n2.process.wait(10)
+        loop = asyncio.get_running_loop()
+        killed = loop.time()
+        while True:  # offline within the lease plus the grace (plus a reaping pass)
+            frame = await wa.event("presence", timeout=LEASE * 4 + GRACE + 10)
+            if frame["data"]["user_id"] == bob["id"] and frame["data"]["status"] == "offline":
+                break
+        offline_after = loop.time() - killed
+        assert offline_after <= LEASE * 4 + GRACE + 5, offline_after
+        assert (await a.call("GET", f"/api/presence/{bob['id']}", ta))[1]["presence"]["status"] == "offline"
+        for n in range(5):
+            await a.send(ta, conv["id"], f"after-{n}")
+        # Bob's app reconnects to another node and catches up: every message once, in order.
+        wb = await Ws.connect(ws_url(n3), tb)
+        seqs = []
+        ack = await wb.request("sync", {"cursors": {conv["id"]: 0}})
+        for _ in range(ack["data"]["messages"]):
+            seqs.append((await wb.event("message.new"))["data"]["seq"])
+        assert seqs == list(range(1, 11))
+        live = await a.send(ta, conv["id"], "live")
+        assert (await wb.event("message.new"))["data"]["id"] == live["id"]
+    finally:
+        wa.close()
+        wb.close()
+
+
+async def test_redis_going_away_keeps_requests_working_and_the_bus_comes_back(cluster):
+    n1, n2, _ = cluster["nodes"]
+    redis = cluster["redis"]
+    a, (ta, alice), (tb, bob), conv = await friends(n1)
+    wb = await Ws.connect(ws_url(n2), tb)
+    try:
+        await wb.request("sync", {})
+        redis.stop()
+        sent = await a.send(ta, conv["id"], "while-redis-is-down")  # stored all the same
+        assert sent["seq"] == 1
+        deadline = asyncio.get_running_loop().time() + 20
+        while (await a.call("GET", "/readyz"))[1]["bus"]["state"] != "degraded":
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.2)
+        assert (await a.call("GET", "/readyz"))[0] == 200
+        redis.start()  # same port, empty
+        deadline = asyncio.get_running_loop().time() + 30
+        while True:
+            states = [(await api(node).call("GET", "/readyz"))[1]["bus"]["state"] for node in (n1, n2)]
+            if states == ["ok", "ok"]:
+                break
+            assert asyncio.get_running_loop().time() < deadline, states
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(LEASE)  # a lease renewal re-announces who is where
+        again = await a.send(ta, conv["id"], "after-redis-is-back")
+        while True:  # the message sent while Redis was down may not come live: it is there in sync
+            frame = (await wb.event("message.new"))["data"]
+            if frame["id"] == again["id"]:
+                break
+        metrics = (await a.call("GET", "/metrics"))[1]
+        assert b"kisse_bus_undelivered_events" in metrics
+    finally:
+        wb.close()
+
+
+async def test_the_ring_timeout_fires_once_with_three_nodes_sweeping(cluster):
+    n1, n2, n3 = cluster["nodes"]
+    a, (ta, alice), (tb, bob), conv = await friends(n1)
+    wa = await Ws.connect(ws_url(n2), ta)
+    wb = await Ws.connect(ws_url(n3), tb)
+    try:
+        await wa.request("sync", {})
+        status, body = await a.call("POST", "/api/calls", ta, {"callee_id": bob["id"], "media": "audio"})
+        assert status == 201
+        await wb.event("call.incoming")
+        states = []
+        while not states or states[-1] != "missed":
+            frame = (await wa.event("call.state", timeout=20))["data"]
+            assert frame["id"] == body["call"]["id"]
+            states.append(frame["status"])
+        await wa.no_event("call.state", 2.0)  # the timeout fires once, though three nodes sweep
+        assert states.count("missed") == 1, states
+    finally:
+        wa.close()
+        wb.close()
