@@ -50,6 +50,7 @@ BATCH_MAX = 512
 EVERYWHERE = "kisse:everywhere"
 NODES = "kisse:nodes"
 REDIS_TIMEOUT = 2.0  # seconds a Redis command may take before the bus counts as degraded
+CLOSE_WITHIN = 5.0  # seconds a stop waits for the bus's own tasks
 
 
 def _user_key(user_id: str) -> str:
@@ -102,19 +103,28 @@ class RedisBus(Bus):
                        loop.create_task(self._leases())]
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        try:  # leave at once rather than after the lease: others stop routing here
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for user_id in self._present:
-                    pipe.srem(_user_key(user_id), self.node)
-                pipe.delete(_node_users(self.node), _alive_key(self.node))
-                pipe.srem(NODES, self.node)
-                await pipe.execute()
-        except (RedisError, OSError):
-            pass
-        await self.redis.aclose()
+        """Stop, leave the directory at once (others stop routing here without waiting
+        for the lease), disconnect: each step bounded, so a stop never hangs on Redis."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CLOSE_WITHIN
+        pending = set(self._tasks)
+        while pending and loop.time() < deadline:  # a cancellation inside a command may not take at once
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=0.5)
+        for step in (self._leave, self.redis.aclose):
+            try:
+                await asyncio.wait_for(step(), REDIS_TIMEOUT)
+            except (RedisError, OSError, asyncio.TimeoutError):
+                pass
+
+    async def _leave(self) -> None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for user_id in self._present:
+                pipe.srem(_user_key(user_id), self.node)
+            pipe.delete(_node_users(self.node), _alive_key(self.node))
+            pipe.srem(NODES, self.node)
+            await pipe.execute()
 
     def health(self) -> dict[str, Any]:
         return {"bus": self.name, "state": self.state, "node": self.node, "nodes_alive": len(self._alive),

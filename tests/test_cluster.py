@@ -223,3 +223,22 @@ async def test_the_ring_timeout_fires_once_with_three_nodes_sweeping(cluster):
     finally:
         wa.close()
         wb.close()
+
+
+async def test_sigterm_on_one_node_moves_its_clients_to_another(cluster):
+    n1, n2, n3 = cluster["nodes"]
+    a, (ta, alice), (tb, bob), conv = await friends(n1)
+    wb = await Ws.connect(ws_url(n2), tb)
+    try:
+        await wb.request("sync", {})
+        stopping = asyncio.get_running_loop().run_in_executor(None, n2.stop)
+        assert await asyncio.wait_for(wb.closed, WAIT) == 1001  # go elsewhere
+        assert await stopping == 0
+        wb = await Ws.connect(ws_url(n3), tb)
+        await wb.request("sync", {})
+        sent = await a.send(ta, conv["id"], "after-the-drain")
+        assert (await wb.event("message.new"))["data"]["id"] == sent["id"]
+        status, seen = await a.call("GET", f"/api/presence/{bob['id']}", ta)
+        assert seen["presence"]["status"] == "online"
+    finally:
+        wb.close()
