@@ -119,8 +119,12 @@ class TrafficClient:
                  conversations: Iterable[str] = (), window: int = 20,
                  backoff_base: float = 1.0, backoff_cap: float = 30.0, connect_timeout: float = 10.0,
                  relogin: Callable[[], Awaitable[str]] | None = None, mark_delivered: bool = False,
-                 name: str | None = None, seed: int | None = None) -> None:
-        self.ws_url = base_url.replace("http://", "ws://", 1).replace("https://", "wss://", 1) + "/ws"
+                 name: str | None = None, seed: int | None = None, failover: Iterable[str] = ()) -> None:
+        # `failover`: other nodes' base URLs, tried in turn after a failed connect (what a
+        # load balancer in front of a cluster does for a node that is gone).
+        self.ws_urls = [u.replace("http://", "ws://", 1).replace("https://", "wss://", 1) + "/ws"
+                        for u in (base_url, *failover)]
+        self.ws_url = self.ws_urls[0]
         self.token, self.user_id = token, user_id
         self.window, self.connect_timeout = window, connect_timeout
         self.relogin, self.mark_delivered = relogin, mark_delivered
@@ -248,6 +252,7 @@ class TrafficClient:
                 raise
             except Exception as error:  # refused, reset, timed out, or an HTTP status instead of 101
                 self.connect_failures.append((clock(), _describe(error)))
+                self.ws_url = self.ws_urls[(self.ws_urls.index(self.ws_url) + 1) % len(self.ws_urls)]
                 if isinstance(error, HTTPClientError) and error.code == 401 and self.relogin is not None:
                     try:
                         self.token = await self.relogin()
