@@ -241,8 +241,10 @@ async def test_the_ring_timeout_fires_once_with_three_nodes_sweeping(cluster):
 async def test_sigterm_on_one_node_moves_its_clients_to_another(cluster):
     n1, n2, n3 = cluster["nodes"]
     a, (ta, alice), (tb, bob), conv = await friends(n1)
+    wa = await Ws.connect(ws_url(n1), ta)
     wb = await Ws.connect(ws_url(n2), tb)
     try:
+        await wa.request("sync", {})
         await wb.request("sync", {})
         stopping = asyncio.get_running_loop().run_in_executor(None, n2.stop)
         assert await asyncio.wait_for(wb.closed, WAIT) == 1001  # go elsewhere
@@ -253,7 +255,12 @@ async def test_sigterm_on_one_node_moves_its_clients_to_another(cluster):
         assert (await wb.event("message.new"))["data"]["id"] == sent["id"]
         status, seen = await a.call("GET", f"/api/presence/{bob['id']}", ta)
         assert seen["presence"]["status"] == "online"
+        await asyncio.sleep(GRACE + LEASE)  # past any grace: moving nodes did not flap
+        while not wa.events.empty():
+            frame = wa.events.get_nowait()
+            assert not (frame["type"] == "presence" and frame["data"]["status"] == "offline"), frame
     finally:
+        wa.close()
         wb.close()
 
 
