@@ -184,6 +184,8 @@ class RedisBus(Bus):
     # -- events ------------------------------------------------------------------
     def publish(self, event: Event) -> int:
         delivered = self.deliver(event)
+        if event.conn is not None and delivered:
+            return delivered  # the one connection it was for is here
         try:
             self._queue.put_nowait(event)
         except asyncio.QueueFull:
