@@ -36,14 +36,16 @@ PROFILES: dict[str, dict[str, Any]] = {
               "history_duration": 2.0, "rest_duration": 2.0, "rest_warmup": 0.5,
               "restart_pairs": 10, "restart_sends_each": 5, "restart_engines": ("memory",),
               "soak_duration": 30.0, "soak_sample_every": 2.0,
-              "soak_warmup": 6.0, "soak_send_every": 0.25, "soak_gc_interval": 5.0},
+              "soak_warmup": 6.0, "soak_send_every": 0.25, "soak_gc_interval": 5.0,
+              "cluster_pairs": 10, "cluster_duration": 2.0, "cluster_warmup": 0.5, "cluster_idle": 200},
     "full": {"relay_pairs": (1, 50), "relay_duration": 6.0, "relay_warmup": 1.0, "relay_window": 4, "relay_repeats": 3,
              "relay_max": 2_000_000, "idle_counts": (1000, 5000), "idle_settle": 1.0, "storm_logins": 50, "storm_idle_s": 3.0,
              "blob_size": 100 * MIB, "history_messages": 100_000, "history_requests": 3000,
              "history_duration": 8.0, "rest_duration": 10.0, "rest_warmup": 1.0,
              "restart_pairs": 10, "restart_sends_each": 25, "restart_engines": ("memory", "sqlite"),
              "soak_duration": 300.0, "soak_sample_every": 10.0,
-             "soak_warmup": 30.0, "soak_send_every": 0.5, "soak_gc_interval": 30.0},
+             "soak_warmup": 30.0, "soak_send_every": 0.5, "soak_gc_interval": 30.0,
+             "cluster_pairs": 20, "cluster_duration": 6.0, "cluster_warmup": 1.0, "cluster_idle": 500},
 }
 
 
@@ -276,10 +278,82 @@ def sc_soak(cfg: dict[str, Any], logs: str) -> dict[str, Any]:
         mongo.stop()
 
 
+# The cluster scenario's runs: (key, nodes, phases); a phase is (name, placement, pairs,
+# window), None for the profile's pairs and the relay window. The same pairs on 2 nodes
+# and on 1; "same" and "cross" put the same share of sockets on every node. The light
+# phases (one pair per node, one message in flight) leave the storage idle, so their
+# latencies show the bus's own hop.
+CLUSTER_RUNS: tuple[tuple[str, int, tuple[tuple[str, str, int | None, int | None], ...]], ...] = (
+    ("two_nodes", 2, (("same", "same", None, None), ("cross", "cross", None, None),
+                      ("same_light", "same", 2, 1), ("cross_light", "cross", 2, 1))),
+    ("one_node", 1, (("same", "same", None, None),)),
+    ("three_nodes", 3, (("cross", "cross", None, None), ("cross_light", "cross", 3, 1))),
+)
+
+
+def sc_cluster(cfg: dict[str, Any], logs: str) -> dict[str, Any]:
+    """Kisse nodes on one MongoDB (mongoeco in memory, its own process) and one
+    redis-server (KISSE_BUS): relay pairs with both ends on one node vs across nodes,
+    2 nodes vs 1 for the same pairs, bus round trips per message with 2 and 3 nodes,
+    and idle sockets' RSS on a bus node against the bare baseline."""
+    mongo = procs.start_mongo(logs, persistent=False)
+    try:
+        redis = procs.start_redis()
+    except BaseException:
+        mongo.stop()
+        raise
+    others = {"redis-server": redis.pid}
+    if procs.mongo_pid(mongo) is not None:
+        others["mongoeco"] = procs.mongo_pid(mongo)  # type: ignore[assignment]
+    out: dict[str, Any] = {"storage": "mongoeco (memory)" if mongo.server is not None else "KISSE_BENCH_MONGODB_URI",
+                           "kisse_root": str(procs.kisse_root())}
+    env = {"KISSE_PRESENCE_GRACE": "0"}  # a socket closed at the end of a phase leaves the directory at once
+    try:
+        for key, nodes, phases in CLUSTER_RUNS:
+            servers = procs.start_cluster(logs, mongo.uri(f"kisse_bench_cluster_{key}_{os.getpid()}"), redis.url,
+                                          nodes, **env)
+            params = {"base": servers[0].base, "nodes": [{"base": s.base, "pid": s.pid} for s in servers],
+                      "pids": others, "warmup": cfg["cluster_warmup"], "duration": cfg["cluster_duration"],
+                      "settle": 0.5, "drain_timeout": 30, "max_messages": cfg["relay_max"],
+                      "phases": [(name, where, pairs or cfg["cluster_pairs"], window or cfg["relay_window"])
+                                 for name, where, pairs, window in phases]}
+            try:
+                out[key] = run_client("cluster", params, 120 + len(phases) * (cfg["cluster_duration"] + 60))
+            except Crash as crash:
+                crash.reason = f"kisse ({nodes} nodes): {crash.reason}"
+                for server in servers:
+                    crash.detail += f"\n--- kisse :{server.port} log tail ---\n{server.log_tail()}"
+                raise
+            finally:
+                out.setdefault("server_exit_codes", {})[key] = [server.stop() for server in servers]
+            out[key]["kisse_env"] = {k: v for k, v in servers[0].env.items() if k != "KISSE_JWT_SECRET"}
+        count = cfg["cluster_idle"]
+        idle = {"target": "kisse", "count": count, "settle": cfg["idle_settle"]}
+        timeout = 60 + count / 10
+        out["idle"] = {}
+        # On a bus node; and on the same MongoDB without KISSE_BUS, to tell the bus's share from the storage's.
+        for key, bus in (("kisse", redis.url), ("kisse_no_bus", "")):
+            spec = procs.kisse_spec(logs, mongo.uri(f"kisse_bench_cluster_{key}_{os.getpid()}"), KISSE_BUS=bus, **env)
+            node = procs.start_kisse_spec(spec)
+            try:
+                out["idle"][key] = run_client("idle", {**idle, "base": node.base, "server_pid": node.pid}, timeout)
+            except Crash as crash:
+                crash.reason = f"kisse (idle, KISSE_BUS={bus or 'unset'}): {crash.reason}"
+                crash.detail += f"\n--- kisse log tail ---\n{node.log_tail()}"
+                raise
+            finally:
+                node.stop()
+        out["idle"]["bare"] = with_server(lambda: start_bare(logs), "idle", {**idle, "target": "bare"}, timeout)
+    finally:
+        redis.stop()
+        mongo.stop()
+    return out
+
+
 SCENARIOS: dict[str, Callable[[dict[str, Any], str], dict[str, Any]]] = {
     "relay": sc_relay, "idle": sc_idle, "login_storm": sc_login_storm, "blob": sc_blob,
     "history": sc_history, "rest": sc_rest,
-    "restart": sc_restart, "soak": sc_soak,
+    "restart": sc_restart, "soak": sc_soak, "cluster": sc_cluster,
 }
 
 
@@ -482,12 +556,85 @@ def _soak_rows(s: Any) -> list[Row]:
     ]
 
 
+CLUSTER_LATENCY_RATIO = 3.0  # cross-node p99 <= 3x same-node p99
+CLUSTER_SCALE_TARGET = 1.3  # 2 nodes >= 1.3x one node's msgs/s
+# Bus round trips per message must not grow from 2 nodes to 3. Events leave in batches, and
+# a batch's cost does not depend on its size, so the figure moves with each node's rate: a
+# broadcast would cost 1.5x with 3 nodes, the 10 % allowed is the batching's noise.
+CLUSTER_BUS_TOLERANCE = 1.1
+CLUSTER_IDLE_RATIO = 1.5
+_CPU_NAMES = {"redis-server": "redis", "mongoeco": "mongoeco", "load generator": "load"}
+
+
+def _cpu_text(phase: Any) -> str | None:
+    """The CPU of every process over a phase's window, e.g. "n0 95 / n1 93 / redis 8 / mongoeco 60 / load 30"."""
+    parts = [f"{_CPU_NAMES.get(name, name.replace('kisse node ', 'n'))} {_num(v):.0f}"
+             for name, v in _items(_get(phase, "cpu", "cpu_pct")) if _num(v) is not None]
+    return " / ".join(parts) or None
+
+
+def _cluster_rows(c: Any) -> list[Row]:
+    two, one, three = (_get(c, key, "phases") for key in ("two_nodes", "one_node", "three_nodes"))
+    rows: list[Row] = []
+    for same, cross in (("same", "cross"), ("same_light", "cross_light")):
+        s, x = _get(two, same), _get(two, cross)
+        if s is None and x is None:
+            continue
+        name = f"cluster 2 nodes, {_fmt(_get(s, 'pairs'))} pairs x {_fmt(_get(s, 'window'))} in flight"
+        rows.append(_row(f"{name}: cross-node msgs/s", _get(x, "msgs_per_s"), _get(s, "msgs_per_s"), "same node",
+                         "msg/s", "report", None))
+        for q in ("p50_ms", "p99_ms"):
+            xl, sl = _get(x, "latency", q), _get(s, "latency", q)
+            last = q == "p99_ms"
+            rows.append(_row(f"{name}: cross-node e2e latency {q[:3]}", xl, sl, "same node", "ms",
+                             f"<= {CLUSTER_LATENCY_RATIO:g}x same node" if last else "-",
+                             _check(_ratio(xl, sl), lambda r: r <= CLUSTER_LATENCY_RATIO) if last else None))
+    t, o = _get(two, "same", "msgs_per_s"), _get(one, "same", "msgs_per_s")
+    rows.append(_row(f"cluster {_fmt(_get(two, 'same', 'pairs'))} pairs: 2 nodes vs 1 node, msgs/s", t, o,
+                     "1 node, KISSE_BUS set", "msg/s", f">= {CLUSTER_SCALE_TARGET:g}x 1 node",
+                     _check(_ratio(t, o), lambda r: r >= CLUSTER_SCALE_TARGET)))
+    for phase, load in (("cross", "loaded"), ("cross_light", "1 in flight per pair")):
+        for figure, label in (("operations_per_message", "Redis round trips"), ("published_per_message", "publishes")):
+            v3, v2 = _get(three, phase, figure), _get(two, phase, figure)
+            if v3 is None and v2 is None and phase != "cross":
+                continue
+            rows.append(_row(f"cluster bus {label} per message, 3 nodes ({load})", v3, v2, "2 nodes",
+                             "per msg", f"<= {CLUSTER_BUS_TOLERANCE:g}x 2 nodes",
+                             _check(_ratio(v3, v2), lambda r: r <= CLUSTER_BUS_TOLERANCE)))
+    wrong: int | float | None = 0
+    for key in ("two_nodes", "one_node", "three_nodes"):
+        for phase, res in _items(_get(c, key, "phases")):
+            lost = [_num(_get(res, "bus", "undelivered")), _num(_get(res, "unreceipted"))]
+            if wrong is None or any(v is None for v in lost):
+                wrong = None
+                continue
+            wrong += sum(lost)  # type: ignore[arg-type]
+    rows.append(_row("cluster: undelivered bus events + messages no receipt reached", wrong, None, "-", "events",
+                     "= 0", _check(wrong, lambda v: v == 0)))
+    for key, label in (("two_nodes", "2 nodes"), ("one_node", "1 node"), ("three_nodes", "3 nodes")):
+        for phase, res in _items(_get(c, key, "phases")):
+            rows.append(_row(f"cluster CPU, {label} {phase}", _cpu_text(res), None, "-", "% of a core", "report",
+                             None))
+    idle = _get(c, "idle")
+    count = _get(idle, "kisse", "requested")
+    kb, nb, bb = (_get(idle, key, "bytes_per_conn") for key in ("kisse", "kisse_no_bus", "bare"))
+    rows.append(_row(f"cluster idle conns_{_fmt(count)}, KISSE_BUS node: RSS per connection", kb, bb, "bare relay",
+                     "bytes", f"<= {CLUSTER_IDLE_RATIO:g}x bare", _check(_ratio(kb, bb), lambda r: r <= CLUSTER_IDLE_RATIO)))
+    rows.append(_row(f"cluster idle conns_{_fmt(count)}, same MongoDB, no KISSE_BUS", nb, bb, "bare relay", "bytes",
+                     "report", None))
+    kc = _get(idle, "kisse", "connected")
+    rows.append(_row(f"cluster idle conns_{_fmt(count)}: connections reached", kc, _get(idle, "bare", "connected"),
+                     "bare relay", "conns", f"= {_fmt(count)}", _check(kc, lambda v: v == _num(count))))
+    return rows
+
+
 # Per scenario, in table order: its rows, and the target a crashed row shows.
 TABLE: dict[str, tuple[Callable[[Any], list[Row]], str]] = {
     "relay": (_relay_rows, ">= 0.5x bare, p99 <= 2x bare"), "idle": (_idle_rows, "<= 1.5x bare"),
     "login_storm": (_login_storm_rows, "<= 50 ms"), "blob": (_blob_rows, "<= 16 MiB"),
     "history": (_history_rows, "<= 5 ms"), "rest": (_rest_rows, "report ratio"),
     "restart": (_restart_rows, f"<= {RESTART_TARGET_S:g} s"), "soak": (_soak_rows, "RSS slope ~0"),
+    "cluster": (_cluster_rows, f"cross p99 <= {CLUSTER_LATENCY_RATIO:g}x same, 2 nodes >= {CLUSTER_SCALE_TARGET:g}x 1"),
 }
 
 

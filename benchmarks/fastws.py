@@ -27,6 +27,8 @@ class Side(WSListener):
         self.synced: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.kisse = True
         self.errors: list[str] = []
+        self.receipts = 0  # message.receipt frames (the sender's side of the loop)
+        self.last_receipt: str | None = None
         self.on_text = self._sync_wait
 
     def on_ws_connected(self, transport: WSTransport) -> None:
@@ -57,7 +59,10 @@ class Side(WSListener):
             self.errors.append(text[:300])
 
     def drain(self, text: str) -> None:
-        if text.startswith('{"type":"error"'):
+        if text.startswith('{"type":"message.receipt"'):
+            self.receipts += 1
+            self.last_receipt = text
+        elif text.startswith('{"type":"error"'):
             self.errors.append(text[:300])
 
 
@@ -81,6 +86,7 @@ class Pair:
         self.sent_at: dict[str, float] = {}
         self.next = 0
         self.received = 0
+        self.last_seq = 0  # of the last message B got
         self.deliveries = deliveries
         self.stopped = False
         a.on_text = a.drain
@@ -106,6 +112,7 @@ class Pair:
             if t0 is not None:
                 self.deliveries.append((now, now - t0))
             self.received += 1
+            self.last_seq = data.get("seq", 0)
             assert self.b.transport is not None
             self.b.transport.send(WSMsgType.TEXT, b'{"type":"message.delivered","id":%d,"data":{"message_id":"%s"}}'
                                   % (self.received, data.get("id", data["client_message_id"]).encode()))
@@ -146,4 +153,5 @@ async def run(p: dict[str, Any], sockets: list[tuple[str, str, str]], ciphertext
                 side.transport.send_close()
                 side.transport.disconnect()
     errors = [e for a, b, _ in sides for e in (*a.errors, *b.errors)]
-    return {"t_start": t_start, "t_end": t_end, "deliveries": deliveries, "cpu": cpu, "errors": errors}
+    return {"t_start": t_start, "t_end": t_end, "deliveries": deliveries, "cpu": cpu, "errors": errors,
+            "receipts": sum(a.receipts for a, _, _ in sides)}

@@ -159,8 +159,20 @@ async def close_all(sockets: list[aiohttp.ClientWebSocketResponse]) -> None:
 
 
 # -- relay -----------------------------------------------------------------------
+async def accept_requests(api: "Kisse", users: list[Any], convs: list[Any], concurrency: int) -> None:
+    """User 2i+1 accepts conversation i: a new direct conversation is a message request
+    for the second user, and a request hears no receipts (kisse/contacts.py), so
+    without this B's `message.delivered` never reaches A as a `message.receipt`."""
+    done = await bounded_gather(concurrency, [
+        lambda i=i: api.call("POST", f"/api/conversations/{convs[i]}/accept", users[2 * i + 1][0], {})
+        for i in range(len(convs))])
+    for d in done:
+        if isinstance(d, BaseException):
+            raise d
+
+
 async def register_pairs(api: "Kisse", pairs: int) -> tuple[list[Any], list[Any]]:
-    """2 * pairs fresh users and one direct conversation per pair (users 2i and 2i+1)."""
+    """2 * pairs fresh users and one accepted direct conversation per pair (users 2i and 2i+1)."""
     tag = unique("r")
     users = await bounded_gather(16, [lambda i=i: api.register(f"{tag}_{i}") for i in range(2 * pairs)])
     for u in users:
@@ -168,6 +180,10 @@ async def register_pairs(api: "Kisse", pairs: int) -> tuple[list[Any], list[Any]
             raise u
     convs = await bounded_gather(16, [lambda i=i: api.conversation(users[2 * i][0], users[2 * i + 1][1])
                                       for i in range(pairs)])
+    for c in convs:
+        if isinstance(c, BaseException):
+            raise c
+    await accept_requests(api, users, convs, 16)
     return users, convs
 
 
@@ -279,7 +295,8 @@ async def relay_picows(p: dict[str, Any]) -> dict[str, Any]:
     return {"target": kind, "client": "picows", "pairs": pairs, "window": p["window"],
             "measured_s": round(t_end - t_start, 3), "delivered": len(window_lat),
             "msgs_per_s": round(len(window_lat) / (t_end - t_start), 1), "latency": latency_summary(window_lat),
-            "cpu": out["cpu"], "errors": out["errors"][:5], "error_count": len(out["errors"])}
+            "cpu": out["cpu"], "receipts": out["receipts"], "errors": out["errors"][:5],
+            "error_count": len(out["errors"])}
 
 
 # -- idle connections ------------------------------------------------------------
@@ -587,8 +604,11 @@ async def rest(p: dict[str, Any]) -> dict[str, Any]:
 
 
 # -- restart and soak: the reference client of tests/traffic.py ----------------------------
-async def register_tagged_pairs(api: "Kisse", pairs: int, tag: str) -> tuple[list[Any], list[Any]]:
-    """Like `register_pairs`, with at most 8 registrations at a time (MongoDB storage is slower)."""
+async def register_tagged_pairs(api: "Kisse", pairs: int, tag: str,
+                                accept: bool = False) -> tuple[list[Any], list[Any]]:
+    """Like `register_pairs`, with at most 8 registrations at a time (MongoDB storage is slower);
+    the conversations accepted by their second user only with `accept` (restart and soak
+    leave them as requests: the second user's first send accepts)."""
     tag = unique(tag)
     users = await bounded_gather(8, [lambda i=i: api.register(f"{tag}_{i}") for i in range(2 * pairs)])
     for u in users:
@@ -599,6 +619,8 @@ async def register_tagged_pairs(api: "Kisse", pairs: int, tag: str) -> tuple[lis
     for c in convs:
         if isinstance(c, BaseException):
             raise c
+    if accept:
+        await accept_requests(api, users, convs, 8)
     return users, convs
 
 
@@ -839,9 +861,150 @@ async def soak(p: dict[str, Any]) -> dict[str, Any]:
                 await client.stop()
 
 
+# -- cluster: several Kisse nodes on one MongoDB and one Redis (KISSE_BUS) -----------------
+class ProcessesMeter:
+    """CPU of named processes, and of this load generator, over a window, in % of one core."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+
+    def start(self) -> None:
+        self.t0, self.c0 = perf(), own_cpu_seconds()
+        self.s0 = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+
+    def stop(self) -> dict[str, Any]:
+        wall = perf() - self.t0
+        cpu = {name: round(100 * (cpu_seconds(pid) - self.s0[name]) / wall, 1) for name, pid in self.pids.items()}
+        cpu["load generator"] = round(100 * (own_cpu_seconds() - self.c0) / wall, 1)
+        return {"wall_s": round(wall, 3), "cpu_pct": cpu, "total_cpu_pct": round(sum(cpu.values()), 1)}
+
+
+BUS_COUNTERS = ("published", "received", "undelivered", "operations")
+
+
+async def bus_stats(session: aiohttp.ClientSession, bases: list[str]) -> list[dict[str, Any]]:
+    """Each node's bus counters (`bus` of GET /readyz: cumulative since the node started)."""
+    async def one(base: str) -> dict[str, Any]:
+        async with session.get(base + "/readyz") as response:
+            return (await response.json(content_type=None))["bus"]
+    return list(await asyncio.gather(*(one(b) for b in bases)))
+
+
+async def cluster_phase(session: aiohttp.ClientSession, p: dict[str, Any], urls: list[tuple[str, str, str]],
+                        bases: list[str], pids: dict[str, int]) -> dict[str, Any]:
+    """The relay's closed loop (picows, `window` in flight per pair) over sockets spread on
+    the nodes as `urls` says. Throughput, latency and CPU over the measured window; bus
+    counters from every node before the first send and after the last delivery."""
+    from benchmarks import fastws
+    sides = list(await bounded_gather(16, [lambda u=u: fastws.connect(u, True) for pair in urls for u in pair[:2]]))
+    for side in sides:
+        if isinstance(side, BaseException):
+            raise side
+    deliveries: list[tuple[float, float]] = []
+    per_pair = max(1, p["max_messages"] // len(urls))
+    pairs = [fastws.Pair(i, sides[2 * i], sides[2 * i + 1], c, CIPHERTEXT, True, p["window"], per_pair, deliveries)
+             for i, (_, _, c) in enumerate(urls)]
+    try:
+        await asyncio.sleep(p["settle"])  # every node has announced its users in the directory
+        before = await bus_stats(session, bases)
+        for pair in pairs:
+            pair.start()
+        await asyncio.sleep(p["warmup"])
+        meter = ProcessesMeter(pids)
+        meter.start()
+        t_start = perf()
+        done_at = t_start + p["duration"]
+        while perf() < done_at and any(pair.next < pair.max_messages for pair in pairs):
+            await asyncio.sleep(0.05)
+        t_end = perf()
+        cpu = meter.stop()
+        for pair in pairs:
+            pair.stopped = True
+        drained = await _drained(pairs, sides[::2], p["drain_timeout"])  # the last messages and receipts
+        after = await bus_stats(session, bases)
+    finally:
+        for side in sides:
+            if side.transport is not None:
+                side.transport.send_close()
+                side.transport.disconnect()
+    window_lat = [lat for (t, lat) in deliveries if t_start <= t <= t_end]
+    relayed = sum(pair.received for pair in pairs)
+    per_node = [{k: _num_delta(b.get(k), a.get(k)) for k in BUS_COUNTERS} for b, a in zip(before, after)]
+    bus = {k: sum(n[k] for n in per_node) for k in BUS_COUNTERS}
+    receipts = sum(side.receipts for side in sides[::2])
+    # A receipt covers every message up to its seq (two `message.delivered` that cross
+    # in storage make one receipt), so what counts is how far each A's last one reaches.
+    unreceipted = sum(max(0, pair.last_seq - _receipt_seq(pair.a.last_receipt)) for pair in pairs)
+    errors = [e for side in sides for e in side.errors]
+    return {"measured_s": round(t_end - t_start, 3), "delivered": len(window_lat),
+            "msgs_per_s": round(len(window_lat) / (t_end - t_start), 1), "latency": latency_summary(window_lat),
+            "cpu": cpu, "relayed": relayed, "receipts": receipts, "unreceipted": unreceipted, "drained": drained,
+            "bus": bus,
+            "bus_per_node": per_node,
+            "operations_per_message": round(bus["operations"] / relayed, 3) if relayed else None,
+            "published_per_message": round(bus["published"] / relayed, 3) if relayed else None,
+            "nodes_alive": [a.get("nodes_alive") for a in after], "bus_state": [a.get("state") for a in after],
+            "errors": errors[:5], "error_count": len(errors)}
+
+
+def _receipt_seq(frame: str | None) -> int:
+    return int(json.loads(frame)["data"].get("delivered_seq") or 0) if frame else 0
+
+
+async def _drained(pairs: list[Any], senders: list[Any], timeout: float) -> bool:
+    """Wait until every message sent was received and the receipts stopped coming."""
+    deadline = perf() + timeout
+    last, quiet_since = -1, perf()
+    while perf() < deadline:
+        receipts = sum(side.receipts for side in senders)
+        if receipts != last:
+            last, quiet_since = receipts, perf()
+        if all(pair.received >= pair.next and _receipt_seq(pair.a.last_receipt) >= pair.last_seq
+               for pair in pairs) and perf() - quiet_since >= 0.3:
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
+def _num_delta(before: Any, after: Any) -> int:
+    return int(after or 0) - int(before or 0)
+
+
+async def cluster(p: dict[str, Any]) -> dict[str, Any]:
+    """Relay pairs on the nodes of one cluster, once per phase (name, placement, pairs,
+    window), each phase with fresh users (registered through node 0; conversations
+    accepted, so receipts flow): placement `same` puts both ends of pair i on node
+    i % n, `cross` puts A on node i % n and B on node (i + 1) % n. Every node carries
+    the same share of sockets either way."""
+    nodes = p["nodes"]
+    n = len(nodes)
+    bases = [node["base"] for node in nodes]
+    pids = {f"kisse node {k}": node["pid"] for k, node in enumerate(nodes)}
+    pids.update(p.get("pids") or {})
+    out: dict[str, Any] = {"nodes": n, "phases": {}}
+    async with make_session() as session:
+        api = Kisse(session, bases[0])
+        for name, where, pairs, window in p["phases"]:
+            t0 = perf()
+            users, convs = await register_tagged_pairs(api, pairs, f"c{where[0]}", accept=True)
+            setup_s = perf() - t0
+            shift = 1 if where == "cross" and n > 1 else 0
+            placement = [(i % n, (i + shift) % n) for i in range(pairs)]
+            ws = [b.replace("http://", "ws://") for b in bases]
+            urls = [(f"{ws[a]}/ws?token={users[2 * i][0]}", f"{ws[b]}/ws?token={users[2 * i + 1][0]}", convs[i])
+                    for i, (a, b) in enumerate(placement)]
+            result = await cluster_phase(session, {**p, "window": window}, urls, bases, pids)
+            result.update(placement=where, pairs=pairs, window=window, setup_s=round(setup_s, 2))
+            result["sockets_per_node"] = [sum((a == k) + (b == k) for a, b in placement) for k in range(n)]
+            result["cross_node_pairs"] = sum(a != b for a, b in placement)
+            out["phases"][name] = result
+            await asyncio.sleep(p["settle"])  # the sockets are gone everywhere before the next phase
+    return out
+
+
 SCENARIOS: dict[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]] = {
     "relay": relay, "idle": idle, "login_storm": login_storm, "blob": blob, "history": history, "rest": rest,
-    "restart": restart, "soak": soak,
+    "restart": restart, "soak": soak, "cluster": cluster,
 }
 
 

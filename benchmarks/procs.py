@@ -260,3 +260,50 @@ def alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
     except (OSError, IndexError):
         return False
+
+
+# -- the cluster scenario: several Kisse nodes on one MongoDB and one Redis -------------
+@dataclass
+class Redis:
+    """Debian's redis-server on a free loopback port (tests/redis_server.py), no persistence."""
+
+    server: object  # tests.redis_server.RedisServer
+
+    @property
+    def url(self) -> str:
+        return self.server.url  # type: ignore[attr-defined]
+
+    @property
+    def pid(self) -> int:
+        return self.server.process.pid  # type: ignore[attr-defined]
+
+    def stop(self) -> None:
+        self.server.stop()  # type: ignore[attr-defined]
+
+
+def start_redis() -> Redis:
+    from tests import redis_server
+    reason = redis_server.unavailable_reason()
+    if reason:
+        raise RuntimeError(f"no Redis for this scenario: {reason}")
+    return Redis(redis_server.RedisServer().start())
+
+
+def mongo_pid(mongo: Mongo) -> int | None:
+    """The mongoeco wire server's pid, or None for KISSE_BENCH_MONGODB_URI (not ours to measure)."""
+    process = getattr(mongo.server, "process", None)
+    return None if process is None else process.pid
+
+
+def start_cluster(log_dir: str, storage: str, bus: str, nodes: int, **overrides: str) -> list[Server]:
+    """`nodes` Kisse processes on the same MongoDB database and Redis bus (KISSE_BUS),
+    sharing the JWT secret, each on its own free port. All stopped again if one fails."""
+    servers: list[Server] = []
+    try:
+        for _ in range(nodes):
+            servers.append(start_kisse_spec(kisse_spec(log_dir, storage, KISSE_BUS=bus, **overrides)))
+    except Exception:
+        for server in servers:
+            server.stop()
+        raise
+    return servers

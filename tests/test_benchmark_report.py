@@ -202,3 +202,101 @@ def test_soak_rows_judge_the_slope_and_the_connection_count() -> None:
     assert rows["RSS slope after warm-up"]["kisse"] == 200.0 and rows["RSS slope after warm-up"]["met"] is False
     assert rows["sends lost + duplicated + holes"]["met"] is True
     assert rows["WebSockets counted vs open at the end"]["met"] is False
+
+
+def _cluster_phase(msgs: float, p50: float, p99: float, relayed: int, ops: int, published: int,
+                   pairs: int = 20, window: int = 4, cpu: dict[str, float] | None = None) -> dict[str, Any]:
+    return {"pairs": pairs, "window": window, "msgs_per_s": msgs, "latency": _latency(p50, p99),
+            "relayed": relayed, "receipts": relayed - 3, "unreceipted": 0, "drained": True,
+            "bus": {"published": published, "received": published, "undelivered": 0, "operations": ops},
+            "operations_per_message": round(ops / relayed, 3), "published_per_message": round(published / relayed, 3),
+            "cpu": {"wall_s": 6.0, "cpu_pct": cpu or {"kisse node 0": 12.5, "kisse node 1": 13.0,
+                                                      "redis-server": 0.5, "mongoeco": 99.6, "load generator": 2.0}}}
+
+
+def _cluster(**changes: Any) -> dict[str, Any]:
+    """The cluster scenario's result shape (sc_cluster), trimmed."""
+    result: dict[str, Any] = {
+        "storage": "mongoeco (memory)",
+        "two_nodes": {"nodes": 2, "phases": {
+            "same": _cluster_phase(49.0, 690.0, 1030.0, 300, 580, 0),
+            "cross": _cluster_phase(40.0, 900.0, 1600.0, 250, 830, 500),
+            "same_light": _cluster_phase(18.6, 105.0, 164.0, 110, 220, 0, pairs=2, window=1),
+            "cross_light": _cluster_phase(14.8, 133.0, 172.0, 90, 360, 180, pairs=2, window=1)}},
+        "one_node": {"nodes": 1, "phases": {"same": _cluster_phase(44.0, 700.0, 1100.0, 270, 480, 0)}},
+        "three_nodes": {"nodes": 3, "phases": {
+            "cross": _cluster_phase(41.0, 880.0, 1500.0, 250, 850, 500),
+            "cross_light": _cluster_phase(16.0, 130.0, 170.0, 96, 384, 192, pairs=3, window=1)}},
+        "idle": {"kisse": {"target": "kisse", "requested": 500, "connected": 500, "bytes_per_conn": 23000},
+                 "kisse_no_bus": {"target": "kisse", "requested": 500, "connected": 500, "bytes_per_conn": 21000},
+                 "bare": {"target": "bare", "requested": 500, "connected": 500, "bytes_per_conn": 16000}},
+    }
+    for path, value in changes.items():
+        parent = result
+        *keys, last = path.split("__")
+        for key in keys:
+            parent = parent[key]
+        parent[last] = value
+    return result
+
+
+def _cluster_rows(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {r["metric"]: r for r in build_table({"cluster": result})}
+
+
+def test_cluster_rows_judge_latency_scaling_bus_cost_and_idle_memory() -> None:
+    rows = _cluster_rows(_cluster())
+    p99 = rows["cluster 2 nodes, 20 pairs x 4 in flight: cross-node e2e latency p99"]
+    assert (p99["kisse"], p99["baseline"], p99["ratio"], p99["met"]) == (1600.0, 1030.0, 1.55, True)
+    assert rows["cluster 2 nodes, 2 pairs x 1 in flight: cross-node e2e latency p99"]["met"] is True
+    assert rows["cluster 2 nodes, 20 pairs x 4 in flight: cross-node msgs/s"]["met"] is None
+    scale = rows["cluster 20 pairs: 2 nodes vs 1 node, msgs/s"]
+    assert (scale["kisse"], scale["baseline"], scale["ratio"], scale["met"]) == (49.0, 44.0, 1.11, False)
+    ops = rows["cluster bus Redis round trips per message, 3 nodes (loaded)"]
+    assert (ops["kisse"], ops["baseline"], ops["met"]) == (3.4, 3.32, True)
+    light = rows["cluster bus Redis round trips per message, 3 nodes (1 in flight per pair)"]
+    assert (light["kisse"], light["baseline"], light["ratio"], light["met"]) == (4.0, 4.0, 1.0, True)
+    assert rows["cluster bus publishes per message, 3 nodes (loaded)"]["ratio"] == 1.0
+    assert rows["cluster: undelivered bus events + messages no receipt reached"]["met"] is True
+    idle = rows["cluster idle conns_500, KISSE_BUS node: RSS per connection"]
+    assert (idle["kisse"], idle["ratio"], idle["met"]) == (23000, 1.44, True)
+    assert rows["cluster idle conns_500: connections reached"]["met"] is True
+    assert rows["cluster CPU, 2 nodes same"]["kisse"] == "n0 12 / n1 13 / redis 0 / mongoeco 100 / load 2"
+    table = render_table(list(rows.values()))
+    assert "cluster 20 pairs: 2 nodes vs 1 node, msgs/s" in table and "| NO " in table
+
+
+def test_cluster_rows_not_met() -> None:
+    rows = _cluster_rows(_cluster(
+        two_nodes__phases__cross__latency=_latency(900.0, 3500.0),
+        one_node__phases__same__msgs_per_s=30.0,
+        three_nodes__phases__cross_light__operations_per_message=6.0,  # a broadcast: every node, every event
+        three_nodes__phases__cross_light__published_per_message=3.0,
+        idle__kisse__bytes_per_conn=33000, idle__kisse__connected=498))
+    assert rows["cluster 2 nodes, 20 pairs x 4 in flight: cross-node e2e latency p99"]["met"] is False
+    assert rows["cluster 20 pairs: 2 nodes vs 1 node, msgs/s"]["met"] is True  # 49 / 30 = 1.63
+    assert rows["cluster bus Redis round trips per message, 3 nodes (1 in flight per pair)"]["met"] is False
+    assert rows["cluster bus publishes per message, 3 nodes (1 in flight per pair)"]["ratio"] == 1.5
+    assert rows["cluster idle conns_500, KISSE_BUS node: RSS per connection"]["met"] is False
+    assert rows["cluster idle conns_500: connections reached"]["met"] is False
+    lost = _cluster_rows(_cluster(three_nodes__phases__cross__unreceipted=10))
+    assert lost["cluster: undelivered bus events + messages no receipt reached"]["kisse"] == 10
+    assert lost["cluster: undelivered bus events + messages no receipt reached"]["met"] is False
+
+
+def test_a_crashed_or_partial_cluster_result_never_breaks_the_table() -> None:
+    crash = crash_outcome(RuntimeError("no Redis for this scenario: redis-server is not installed"))
+    assert [r["metric"] for r in build_table({"cluster": crash})] == [
+        "cluster: crashed: RuntimeError: no Redis for this scenario: redis-server is not installed"]
+    full = _cluster()
+    for path in _paths(full):
+        for junk in (None, "n/a", {}, -1):
+            result = copy.deepcopy(full)
+            parent = result
+            for key in path[:-1]:
+                parent = parent[key]
+            parent[path[-1]] = junk
+            assert render_table(build_table({"cluster": result}))
+    rows = _cluster_rows({"two_nodes": {"phases": {"same": _cluster_phase(49.0, 690.0, 1030.0, 300, 580, 0)}}})
+    assert rows["cluster 20 pairs: 2 nodes vs 1 node, msgs/s"]["met"] is None
+    assert rows["cluster: undelivered bus events + messages no receipt reached"]["kisse"] == 0
