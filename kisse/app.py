@@ -11,7 +11,7 @@ from handlers import default_handlers
 from handlers.base import NotFoundHandler
 from kisse import auth, messaging
 from kisse.calls import CallTimers
-from kisse.bus import make_bus
+from kisse.bus import BLOCKS_CHANGED, CONVERSATION_CHANGED, make_bus
 from kisse.contacts import Blocks
 from kisse.members import Members
 from kisse.metrics import Metrics
@@ -54,7 +54,8 @@ def make_app(settings: Settings, storage: Storage) -> tornado.web.Application:
     rt.metrics.bus_stats = lambda: getattr(rt.bus, "stats", {})
     rt.members = Members(storage)
     rt.blocks = Blocks(rt)
-    rt.bus.subscribers += [rt.members.on_event, rt.blocks.on_event]
+    rt.bus.subscribe(rt.members.on_event, CONVERSATION_CHANGED)
+    rt.bus.subscribe(rt.blocks.on_event, BLOCKS_CHANGED)
     return tornado.web.Application(
         default_handlers,
         kisse=rt,

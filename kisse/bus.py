@@ -29,7 +29,7 @@ BLOCKS_CHANGED = "blocks.changed"            # data {user_ids}: forget their cac
 INTERNAL = frozenset({SESSIONS_REVOKED, CONVERSATION_CHANGED, BLOCKS_CHANGED})
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass costs a setattr call per field, per event
 class Event:
     """`type` and `data` (the frame), for every connection of `users` but
     `exclude_conn`; or, with `conn`, for that one connection of `users[0]`;
@@ -62,7 +62,9 @@ class Bus:
 
     def __init__(self, hub: Hub) -> None:
         self.hub = hub
-        self.subscribers: list[Subscriber] = []
+        # Subscribers by event type ("*": every event); a chat message's events reach only
+        # those who asked for them, so the hot path pays nothing for cache subscribers.
+        self._subscribers: dict[str, list[Subscriber]] = {}
         # Called with a user id when a dead node's user is present nowhere any more.
         self.on_user_gone: list[Callable[[str], Any]] = []
 
@@ -73,11 +75,16 @@ class Bus:
     def health(self) -> dict[str, Any]:
         return {"bus": self.name, "state": "ok"}
 
+    def subscribe(self, subscriber: Subscriber, *event_types: str) -> None:
+        """Call `subscriber(event)` for every event of these types delivered here (none: all)."""
+        for event_type in event_types or ("*",):
+            self._subscribers.setdefault(event_type, []).append(subscriber)
+
     def send(self, users: Iterable[str], event_type: str, data: dict[str, Any],
              exclude_conn: str | None = None) -> int:
         """Publish a frame to every connection of `users` (but `exclude_conn`); how many
         connections of this process it was handed to."""
-        return self.publish(Event(event_type, data, tuple(dict.fromkeys(users)), exclude_conn=exclude_conn))
+        return self.publish(Event(event_type, data, tuple(users), exclude_conn=exclude_conn))
 
     def revoke_sessions(self, user_id: str, session_ids: Iterable[str], code: int, reason: str) -> None:
         """Close the user's connections of these sessions, on whichever process holds them."""
@@ -93,11 +100,13 @@ class Bus:
 
     def deliver(self, event: Event) -> int:
         """Hand an event to this process: the subscribers, then the hub's connections."""
-        for subscriber in self.subscribers:
-            try:
-                subscriber(event)
-            except Exception:  # one subscriber's bug must not stop the others, nor the frames
-                log.exception("event subscriber failed on %s", event.type)
+        subscribers = self._subscribers
+        if subscribers:
+            for subscriber in (*subscribers.get(event.type, ()), *subscribers.get("*", ())):
+                try:
+                    subscriber(event)
+                except Exception:  # one subscriber's bug must not stop the others, nor the frames
+                    log.exception("event subscriber failed on %s", event.type)
         if event.type in INTERNAL:
             if event.type == SESSIONS_REVOKED:
                 self.hub.close_sessions(event.users[0], set(event.data["session_ids"]), event.data["code"],

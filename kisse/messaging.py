@@ -59,7 +59,8 @@ async def member_conversation(rt: Runtime, user_id: str, conversation_id: str, f
 
 async def membership_of(rt: Runtime, user_id: str, conversation_id: str) -> Membership:
     """The conversation's membership if `user_id` is a member; 404 alike otherwise."""
-    membership = await rt.members.membership(conversation_id)
+    # peek first: the hot path (every send) then costs no coroutine when the membership is cached
+    membership = rt.members.peek(conversation_id) or await rt.members.membership(conversation_id)
     if membership is None or user_id not in membership.ids:
         raise no_conversation()
     return membership
@@ -235,7 +236,7 @@ async def send_message(rt: Runtime, user_id: str, conversation_id: str, client_m
     if created:
         rt.metrics.messages.inc()
     if created or republish:
-        blockers = await rt.blocks.blockers(user_id)
+        _, blockers = await rt.blocks.both(user_id)
         audience = [m for m in members if m not in blockers] if blockers else members
         rt.bus.send(audience, "message.new", view, exclude_conn=origin_conn)
     return view, created
@@ -257,7 +258,8 @@ async def member_message(rt: Runtime, user_id: str, message_id: str) -> tuple[Re
     """`(message, its conversation's membership)` if the user is a member; 404 alike otherwise."""
     message = await rt.storage.get_message(message_id)
     if message is not None:
-        membership = await rt.members.membership(message["conversation_id"])
+        conversation_id = message["conversation_id"]
+        membership = rt.members.peek(conversation_id) or await rt.members.membership(conversation_id)
         if membership is not None and user_id in membership.ids:
             return message, membership
     raise NotFound("no such message", code="message_not_found")
@@ -324,7 +326,8 @@ async def mark(rt: Runtime, user_id: str, message_id: str, kind: ReceiptKind,
         audience = await contacts.audience(rt, membership, user_id)
         if audience:
             covered_from = before["read_seq" if kind == "read" else "delivered_seq"]
-            senders = await rt.storage.senders_between(conversation_id, covered_from, message["seq"])
+            senders = ({message["sender_id"]} if covered_from == message["seq"] - 1  # the live case: one message
+                       else await rt.storage.senders_between(conversation_id, covered_from, message["seq"]))
             told += [m for m in audience if m in senders]
         rt.bus.send(told, "message.receipt", event, exclude_conn=origin_conn)
     return event
