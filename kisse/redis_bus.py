@@ -205,6 +205,9 @@ class RedisBus(Bus):
                 self.stats["undelivered"] += len(batch)
                 self._degraded(error)
                 await asyncio.sleep(0.1)
+            except Exception:  # a bug (an event that does not encode): lose the batch, not the bus
+                self.stats["undelivered"] += len(batch)
+                log.exception("redis bus could not send %d events", len(batch))
 
     async def _send(self, batch: list[Event]) -> None:
         users = list(dict.fromkeys(u for e in batch if not e.everywhere for u in e.users))
@@ -241,11 +244,16 @@ class RedisBus(Bus):
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                     if message is None:
                         continue
-                    raw = orjson.loads(message["data"])
-                    if raw["from"] == self.node:
-                        continue  # our own `everywhere` event, delivered when published
+                    try:
+                        raw = orjson.loads(message["data"])
+                        if raw["from"] == self.node:
+                            continue  # our own `everywhere` event, delivered when published
+                        event = Event.from_json(raw["event"])
+                    except (ValueError, KeyError, TypeError):  # not one of ours: skip it, keep listening
+                        log.warning("redis bus: a message that is no event on %s", message.get("channel"))
+                        continue
                     self.stats["received"] += 1
-                    self.deliver(Event.from_json(raw["event"]))
+                    self.deliver(event)
             except asyncio.CancelledError:
                 await self._close_pubsub(pubsub)
                 raise
@@ -271,6 +279,8 @@ class RedisBus(Bus):
                 self._ok()
             except (RedisError, OSError) as error:
                 self._degraded(error)
+            except Exception:  # a bug must not end the lease renewals (the node would be reaped)
+                log.exception("redis bus heartbeat failed")
 
     async def _heartbeat(self) -> None:
         """Renew this node's lease, learn which nodes live, reap the dead ones."""

@@ -311,3 +311,24 @@ async def test_a_node_killed_mid_traffic_loses_and_duplicates_nothing(cluster):
     finally:
         for client in clients:
             await client.stop()
+
+
+async def test_a_message_on_the_bus_that_is_no_event_is_skipped(cluster):
+    import redis.asyncio as aioredis
+    n1, n2, _ = cluster["nodes"]
+    a, (ta, alice), (tb, bob), conv = await friends(n1)
+    node2 = (await api(n2).call("GET", "/readyz"))[1]["bus"]["node"]
+    client = aioredis.from_url(cluster["redis"].url)
+    try:
+        for channel in (f"kisse:to:{node2}", "kisse:everywhere"):
+            await client.publish(channel, b"not json")
+            await client.publish(channel, b'{"from": "x"}')
+    finally:
+        await client.aclose()
+    wb = await Ws.connect(ws_url(n2), tb)
+    try:
+        await wb.request("sync", {})
+        sent = await a.send(ta, conv["id"], "still-flowing")
+        assert (await wb.event("message.new"))["data"]["id"] == sent["id"]
+    finally:
+        wb.close()
