@@ -1,9 +1,9 @@
 """Changes of membership: accepting or declining a request, leaving, and what a
 group's admins do (add, remove, promote, retitle).
 
-Each change is one atomic storage step; then the members cache learns the new
-membership (`messaging.membership_changed`: every process forgets its copy)
-and everyone concerned hears it live:
+Each change is one atomic storage step; then every process forgets its cached
+membership (`messaging.membership_changed`, a bus event) and everyone
+concerned hears it live:
 `member.added` / `member.removed` / `conversation.updated` to the members, a
 `conversation.request` to whoever was added.
 """
@@ -34,9 +34,9 @@ async def accept(rt: Runtime, user_id: str, conversation_id: str) -> dict[str, A
     conversation = await rt.storage.accept_conversation(conversation_id, user_id)
     if conversation is None:
         raise messaging.no_conversation()
-    messaging.membership_changed(rt, conversation)
     view = await messaging.conversation_view(rt, conversation, user_id)
-    if user_id in before.requests:
+    if user_id in before.requests:  # accepting again changes nothing and tells nobody
+        messaging.membership_changed(rt, conversation)
         rt.bus.send([user_id], "conversation.updated", {**_updated(conversation), "membership": view["membership"]})
     return view
 
