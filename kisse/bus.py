@@ -8,7 +8,7 @@ connection; other subscribers (metrics, push wake-ups later) see the same
 events. Internal events (`INTERNAL`) change this process's state instead of
 reaching a client: a device revoked, a cache entry to drop.
 
-`LocalBus` (the default) is one process: publishing is delivering, at once.
+`Bus` itself (the default) is one process: publishing is delivering, at once.
 `kisse/redis_bus.py` joins several processes through Redis.
 """
 from __future__ import annotations

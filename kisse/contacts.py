@@ -60,7 +60,8 @@ class Blocks:
 
     async def either_way(self, user_id: str) -> frozenset[str]:
         """Everyone this user blocked or was blocked by."""
-        return await self.blocked(user_id) | await self.blockers(user_id)
+        blocked, blockers = await self.both(user_id)
+        return blocked | blockers
 
     def _keep(self, cache: dict[str, frozenset[str]], user_id: str, found: frozenset[str]) -> None:
         if len(cache) >= self._size:
@@ -77,10 +78,6 @@ class Blocks:
         """A bus subscriber: some process changed who blocks whom."""
         if event.type == BLOCKS_CHANGED:
             self.forget(*event.data["user_ids"])
-
-
-async def are_contacts(rt: Runtime, user_id: str, other_id: str) -> bool:
-    return other_id in await rt.storage.contact_ids(user_id)
 
 
 async def audience(rt: Runtime, membership: Membership, actor_id: str) -> list[str]:

@@ -59,11 +59,6 @@ class Members:
                 self._keep(conversation_id, membership)
         return membership
 
-    async def of(self, conversation_id: str) -> tuple[str, ...] | None:
-        """The member ids, or None if there is no such conversation."""
-        membership = await self.membership(conversation_id)
-        return membership.ids if membership else None
-
     def peek(self, conversation_id: str) -> Membership | None:
         """The cached membership, if any (no storage read)."""
         return self._by_conversation.get(conversation_id)

@@ -66,11 +66,6 @@ async def membership_of(rt: Runtime, user_id: str, conversation_id: str) -> Memb
     return membership
 
 
-async def conversation_members(rt: Runtime, user_id: str, conversation_id: str) -> tuple[str, ...]:
-    """The participant ids if `user_id` is one of them; 404 alike for absent and foreign ones."""
-    return (await membership_of(rt, user_id, conversation_id)).ids
-
-
 def membership_changed(rt: Runtime, conversation: Record) -> None:
     """Every process (this one too) forgets the conversation's cached membership."""
     rt.bus.changed(CONVERSATION_CHANGED, {"conversation_id": conversation["id"]})
@@ -247,10 +242,11 @@ async def repair_sends(rt: Runtime) -> int:
     older_than = utcnow() - timedelta(seconds=rt.settings.send_repair_after)
     repaired = await rt.storage.repair_sends(older_than, set(rt.sending))
     for message in repaired:
-        members = await rt.members.of(message["conversation_id"])
+        membership = await rt.members.membership(message["conversation_id"])
         blockers = await rt.blocks.blockers(message["sender_id"])
         rt.metrics.messages.inc()
-        rt.bus.send([m for m in members or () if m not in blockers], "message.new", message_view(message))
+        rt.bus.send([m for m in membership.ids if m not in blockers] if membership else (), "message.new",
+                    message_view(message))
     return len(repaired)
 
 

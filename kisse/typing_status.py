@@ -34,7 +34,7 @@ class TypingTracker:
         return event
 
     async def stop(self, user_id: str, conversation_id: str) -> dict[str, str]:
-        await messaging.conversation_members(self.rt, user_id, conversation_id)
+        await messaging.membership_of(self.rt, user_id, conversation_id)
         self._end((conversation_id, user_id), "stopped")
         return {"conversation_id": conversation_id, "user_id": user_id}
 
