@@ -37,7 +37,8 @@ PROFILES: dict[str, dict[str, Any]] = {
               "restart_pairs": 10, "restart_sends_each": 5, "restart_engines": ("memory",),
               "soak_duration": 30.0, "soak_sample_every": 2.0,
               "soak_warmup": 6.0, "soak_send_every": 0.25, "soak_gc_interval": 5.0,
-              "cluster_pairs": 10, "cluster_duration": 2.0, "cluster_warmup": 0.5, "cluster_idle": 200},
+              "cluster_pairs": 10, "cluster_duration": 2.0, "cluster_warmup": 0.5, "cluster_idle": 200,
+              "keys_prekeys": 1_000, "keys_extra_claims": 100},
     "full": {"relay_pairs": (1, 50), "relay_duration": 6.0, "relay_warmup": 1.0, "relay_window": 4, "relay_repeats": 3,
              "relay_max": 2_000_000, "idle_counts": (1000, 5000), "idle_settle": 1.0, "storm_logins": 50, "storm_idle_s": 3.0,
              "blob_size": 100 * MIB, "history_messages": 100_000, "history_requests": 3000,
@@ -45,7 +46,8 @@ PROFILES: dict[str, dict[str, Any]] = {
              "restart_pairs": 10, "restart_sends_each": 25, "restart_engines": ("memory", "sqlite"),
              "soak_duration": 300.0, "soak_sample_every": 10.0,
              "soak_warmup": 30.0, "soak_send_every": 0.5, "soak_gc_interval": 30.0,
-             "cluster_pairs": 20, "cluster_duration": 6.0, "cluster_warmup": 1.0, "cluster_idle": 500},
+             "cluster_pairs": 20, "cluster_duration": 6.0, "cluster_warmup": 1.0, "cluster_idle": 500,
+             "keys_prekeys": 10_000, "keys_extra_claims": 500},
 }
 
 
@@ -143,15 +145,24 @@ def with_server(start: Callable[[], Server], scenario: str, params: dict[str, An
 
 
 # -- scenarios ------------------------------------------------------------------------
+# The abuse limits on (kisse/limits.py), set where this load never reaches them: what the
+# relay pays for checking them (a send, a frame) against the same server with them off.
+LIMITS_ON = {"KISSE_RATE_LIMITS": "on", "KISSE_LIMIT_SEND": "1000000000/10 seconds;1000000000/hour",
+             "KISSE_WS_FRAME_RATE": "1000000000", "KISSE_LIMIT_REGISTER_IP": "1000000/minute",
+             "KISSE_LIMIT_WS_USER": "1000000/minute", "KISSE_LIMIT_WS_IP": "1000000/minute"}
+
+
 def sc_relay(cfg: dict[str, Any], logs: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for pairs in cfg["relay_pairs"]:
         params = {"pairs": pairs, "window": cfg["relay_window"], "duration": cfg["relay_duration"],
                   "warmup": cfg["relay_warmup"], "max_messages": cfg["relay_max"], "client": cfg["client"]}
         timeout = cfg["relay_duration"] + cfg["relay_warmup"] + 60
-        runs: dict[str, list[dict[str, Any]]] = {"kisse": [], "bare": []}
-        for _ in range(cfg["relay_repeats"]):  # interleaved, so the machine's drift hits both alike
+        runs: dict[str, list[dict[str, Any]]] = {"kisse": [], "kisse_limits": [], "bare": []}
+        for _ in range(cfg["relay_repeats"]):  # interleaved, so the machine's drift hits all alike
             runs["kisse"].append(with_server(lambda: start_kisse(logs), "relay", {**params, "target": "kisse"}, timeout))
+            runs["kisse_limits"].append(with_server(lambda: start_kisse(logs, **LIMITS_ON), "relay",
+                                                    {**params, "target": "kisse"}, timeout))
             runs["bare"].append(with_server(lambda: start_bare(logs), "relay", {**params, "target": "bare"}, timeout))
         out[f"pairs_{pairs}"] = {name: median_run(results) for name, results in runs.items()}
     return out
@@ -211,6 +222,18 @@ def sc_rest(cfg: dict[str, Any], logs: str) -> dict[str, Any]:
     timeout = cfg["rest_duration"] + cfg["rest_warmup"] + 60
     return {"kisse": with_server(lambda: start_kisse(logs), "rest", {**params, "target": "kisse"}, timeout),
             "bare": with_server(lambda: start_bare(logs), "rest", {**params, "target": "bare"}, timeout)}
+
+
+def sc_keys(cfg: dict[str, Any], logs: str) -> dict[str, Any]:
+    """Prekey claims on the memory backend: one device's pools of N one-time EC and PQ
+    prekeys, drained by 50 concurrent claimers and N + extra claims; bare: `GET /json`
+    with the same client, claimers and count."""
+    n = cfg["keys_prekeys"]
+    params = {"prekeys": n, "extra_claims": cfg["keys_extra_claims"], "concurrency": 50, "batch": 100}
+    timeout = 120 + n / 20
+    return {"kisse": with_server(lambda: start_kisse(logs, KISSE_PREKEY_MAX=str(2 * n)), "keys",
+                                 {**params, "target": "kisse"}, timeout),
+            "bare": with_server(lambda: start_bare(logs), "keys", {**params, "target": "bare"}, timeout)}
 
 
 def sc_restart(cfg: dict[str, Any], logs: str) -> dict[str, Any]:
@@ -359,7 +382,7 @@ def sc_cluster(cfg: dict[str, Any], logs: str) -> dict[str, Any]:
 SCENARIOS: dict[str, Callable[[dict[str, Any], str], dict[str, Any]]] = {
     "relay": sc_relay, "idle": sc_idle, "login_storm": sc_login_storm, "blob": sc_blob,
     "history": sc_history, "rest": sc_rest,
-    "restart": sc_restart, "soak": sc_soak, "cluster": sc_cluster,
+    "restart": sc_restart, "soak": sc_soak, "cluster": sc_cluster, "keys": sc_keys,
 }
 
 
@@ -421,6 +444,10 @@ def _relay_rows(s: Any) -> list[Row]:
         kt, bt = _get(res, "kisse", "msgs_per_s"), _get(res, "bare", "msgs_per_s")
         rows.append(_row(f"relay {key}: delivered msgs/s", kt, bt, "bare relay", "msg/s", ">= 0.5x bare",
                          _check(_ratio(kt, bt), lambda r: r >= 0.5)))
+        lt = _get(res, "kisse_limits", "msgs_per_s")
+        if lt is not None:  # results from before the limits have none
+            rows.append(_row(f"relay {key}: msgs/s with the abuse limits on", lt, kt, "kisse, limits off", "msg/s",
+                             ">= 0.95x off", _check(_ratio(lt, kt), lambda r: r >= 0.95)))
         for q in ("p50_ms", "p99_ms"):
             kl, bl = _get(res, "kisse", "latency", q), _get(res, "bare", "latency", q)
             rows.append(_row(f"relay {key}: e2e latency {q[:3]}", kl, bl, "bare relay", "ms",
@@ -494,6 +521,41 @@ def _rest_rows(rs: Any) -> list[Row]:
     for q in ("p50_ms", "p99_ms"):
         rows.append(_row(f"REST @50 conns latency {q[:3]}", _get(rs, "kisse", "latency", q),
                          _get(rs, "bare", "latency", q), "bare JSON GET", "ms", "report", None))
+    return rows
+
+
+def _keys_rows(ks: Any) -> list[Row]:
+    k = _get(ks, "kisse")
+    n = _num(_get(k, "prekeys"))
+    name = f"keys @{_fmt(_get(k, 'concurrency'))} claimers"
+    rows = [_row(f"keys: upload of {_fmt(_whole(n))} EC + {_fmt(_whole(n))} PQ one-time prekeys, 100 + 100 a request",
+                 _get(k, "upload", "keys_per_s"), None, "-", "keys/s", "report", None),
+            _row(f"{name}: claims/s", _get(k, "req_per_s"), _get(ks, "bare", "req_per_s"), "bare JSON GET", "req/s",
+                 "report", None)]
+    for q in ("p50_ms", "p99_ms", "max_ms"):
+        rows.append(_row(f"{name}: claim latency {q[:-3]}", _get(k, "latency", q), _get(ks, "bare", "latency", q),
+                         "bare JSON GET", "ms", "report", None))
+    tenths = _get(k, "claims_per_s_by_tenth")
+    first, last = (tenths[0], tenths[-1]) if isinstance(tenths, list) and tenths else (None, None)
+    rows.append(_row(f"{name}: claims/s, first tenth of the claims (pools full)", _num(first), _num(last),
+                     "last tenth, pools near empty", "req/s", "report", None))
+    for kind, label in (("ec", "EC"), ("pq", "PQ")):
+        count, exact = _get(k, kind, "count"), _get(k, kind, "exactly_the_uploaded")
+        ok = _check(count, lambda v: v == n)
+        if ok is not None:
+            ok = ok and exact is True and _get(k, kind, "wrong_public_key") == 0
+        rows.append(_row(f"keys: one-time {label} keys handed out, exactly the uploaded ones", count, n, "uploaded",
+                         "keys", "all, each once", ok))
+    twice = _get(k, "handed_out_twice")
+    rows.append(_row("keys: one-time keys handed out twice", twice, None, "-", "keys", "= 0",
+                     _check(twice, lambda v: v == 0)))
+    empty, extra = _get(k, "empty_pool_claims"), _get(k, "extra_claims")
+    ok = _check(empty, lambda v: v == _num(extra))
+    rows.append(_row("keys: claims on the empty pools (no EC key, last-resort PQ key)", empty, extra,
+                     "claims beyond N", "claims", "all of them", None if ok is None
+                     else ok and _get(k, "empty_pool_got_last_resort") is True))
+    failed = _get(k, "error_count")
+    rows.append(_row("keys: failed claims", failed, None, "-", "claims", "= 0", _check(failed, lambda v: v == 0)))
     return rows
 
 
@@ -641,6 +703,7 @@ TABLE: dict[str, tuple[Callable[[Any], list[Row]], str]] = {
     "history": (_history_rows, "<= 5 ms"), "rest": (_rest_rows, "report ratio"),
     "restart": (_restart_rows, f"<= {RESTART_TARGET_S:g} s"), "soak": (_soak_rows, "RSS slope ~0"),
     "cluster": (_cluster_rows, f"cross p99 <= {CLUSTER_LATENCY_RATIO:g}x same, 2 nodes >= {CLUSTER_SCALE_TARGET:g}x 1"),
+    "keys": (_keys_rows, "0 twice, all handed out"),
 }
 
 

@@ -603,6 +603,152 @@ async def rest(p: dict[str, Any]) -> dict[str, Any]:
     return {"target": p["target"], **result}
 
 
+# -- the key directory -----------------------------------------------------------------
+class PrekeyMaker:
+    """One device's public keys as libsignal serializes and signs them (tests/prekeys.py
+    does the same for the tests): Curve25519 keys with their 0x05 type byte, XEdDSA
+    signatures carrying the Edwards sign bit in their top bit. The Kyber-1024 keys are
+    the 0x08 type byte and 1,568 random bytes: the server checks sizes, type bytes and
+    signatures, and cannot tell them from real ones."""
+
+    def __init__(self) -> None:
+        import xeddsa  # imported here: only this scenario needs it
+        self.xeddsa = xeddsa
+        self._private = xeddsa.seed_to_priv(os.urandom(32))
+        self._sign_bit = xeddsa.priv_to_ed25519_pub(self._private)[31] & 0x80
+        self.identity_key = self._b64(b"\x05" + xeddsa.priv_to_curve25519_pub(self._private))
+
+    @staticmethod
+    def _b64(raw: bytes) -> str:
+        return base64.b64encode(raw).decode()
+
+    def curve_key(self) -> bytes:
+        return b"\x05" + self.xeddsa.priv_to_curve25519_pub(self.xeddsa.seed_to_priv(os.urandom(32)))
+
+    def signed(self, key_id: int, public_key: bytes) -> dict[str, Any]:
+        signature = bytearray(self.xeddsa.ed25519_priv_sign(self._private, public_key, os.urandom(64)))
+        signature[63] = (signature[63] & 0x7F) | self._sign_bit
+        return {"key_id": key_id, "public_key": self._b64(public_key), "signature": self._b64(bytes(signature))}
+
+    def kyber(self, key_id: int) -> dict[str, Any]:
+        return self.signed(key_id, b"\x08" + os.urandom(1568))
+
+    def bundle(self, registration_id: int, last_resort_id: int) -> dict[str, Any]:
+        """A `PUT /api/keys` body without one-time prekeys."""
+        return {"registration_id": registration_id, "identity_key": self.identity_key,
+                "signed_prekey": self.signed(1, self.curve_key()), "pq_last_resort_prekey": self.kyber(last_resort_id)}
+
+    def one_time(self, ids: range) -> dict[str, Any]:
+        """A `POST /api/keys/prekeys` body: one-time EC and PQ prekeys with these ids."""
+        return {"one_time_prekeys": [{"key_id": i, "public_key": self._b64(self.curve_key())} for i in ids],
+                "pq_one_time_prekeys": [self.kyber(i) for i in ids]}
+
+
+def _handed_out(keys: list[dict[str, Any]], uploaded: dict[int, str]) -> dict[str, Any]:
+    """One kind's one-time keys as the claims got them, against what was uploaded."""
+    ids = [k.get("key_id") for k in keys]
+    return {"count": len(ids), "twice": len(ids) - len(set(ids)), "exactly_the_uploaded": set(ids) == set(uploaded),
+            "wrong_public_key": sum(uploaded.get(k.get("key_id")) != k.get("public_key") for k in keys)}
+
+
+async def keys(p: dict[str, Any]) -> dict[str, Any]:
+    """Kisse: one device uploads its bundle, then `prekeys` one-time EC and PQ prekeys
+    `batch` of each a request; `concurrency` claimers, each in an accepted direct
+    conversation with it, claim its bundle (`GET /api/keys/{id}`) in a loop until
+    `prekeys + extra_claims` claims are made; every key handed out is checked against
+    the uploads. Bare: `GET /json`, the same client, loop and count."""
+    n, concurrency = p["prekeys"], p["concurrency"]
+    total = n + p["extra_claims"]
+    out: dict[str, Any] = {"target": p["target"], "prekeys": n, "concurrency": concurrency}
+    async with make_session() as session:
+        api = Kisse(session, p["base"])
+        tokens: list[str | None] = [None] * concurrency
+        path = warm = "/json"
+        if p["target"] == "kisse":
+            tag = unique("k")
+            users = await bounded_gather(16, [lambda i=i: api.register(f"{tag}_{i}") for i in range(1 + concurrency)])
+            for u in users:
+                if isinstance(u, BaseException):
+                    raise u
+            owner, claimers = users[0], users[1:]
+            convs = await bounded_gather(16, [lambda c=c: api.conversation(c[0], owner[1]) for c in claimers])
+            for c in convs:
+                if isinstance(c, BaseException):
+                    raise c
+            # The owner is the second user of every pair: it accepts each claimer's request.
+            await accept_requests(api, [u for c in claimers for u in (c, owner)], convs, 16)
+            tokens, path, warm = [c[0] for c in claimers], f"/api/keys/{owner[1]}", "/api/keys"
+            maker = PrekeyMaker()
+            last_resort_id = n + 1
+            bundle = maker.bundle(1234, last_resort_id)
+            bodies = [maker.one_time(range(k, min(k + p["batch"], n + 1))) for k in range(1, n + 1, p["batch"])]
+            uploaded = {kind: {k["key_id"]: k["public_key"] for body in bodies for k in body[kind]}
+                        for kind in ("one_time_prekeys", "pq_one_time_prekeys")}
+            t0 = perf()
+            await api.call("PUT", "/api/keys", owner[0], bundle)
+            bundle_s = perf() - t0
+            t0 = perf()
+            for body in bodies:
+                counts = await api.call("POST", "/api/keys/prekeys", owner[0], body)
+            upload_s = perf() - t0
+            out["upload"] = {"bundle_s": round(bundle_s, 4), "requests": len(bodies), "keys": 2 * n,
+                             "seconds": round(upload_s, 3), "keys_per_s": round(2 * n / upload_s, 1),
+                             "requests_per_s": round(len(bodies) / upload_s, 1), "counts": counts}
+
+        # Every claimer's keep-alive connection open before the clock starts (Kisse: its own counts).
+        warmed = await bounded_gather(concurrency, [lambda t=t: api.call("GET", warm, t) for t in tokens])
+        for w in warmed:
+            if isinstance(w, BaseException):
+                raise w
+        lat: list[float] = []
+        done_at: list[float] = []
+        got: list[Any] = []
+        errors: list[str] = []
+        started = 0
+
+        async def claimer(i: int) -> None:
+            nonlocal started
+            while started < total:
+                started += 1
+                t0 = perf()
+                try:
+                    data = await api.call("GET", path, tokens[i])
+                except Exception as error:  # a failed claim is a figure (it may have taken keys), not a crash
+                    errors.append(repr(error)[:300])
+                    continue
+                done_at.append(perf())
+                lat.append(done_at[-1] - t0)
+                got.append(data)
+
+        meter = CpuMeter(p["server_pid"])
+        meter.start()
+        t0 = perf()
+        await asyncio.gather(*(claimer(i) for i in range(concurrency)))
+        elapsed = perf() - t0
+        out.update(requests=len(lat), req_per_s=round(len(lat) / elapsed, 1), latency=latency_summary(lat),
+                   cpu=meter.stop(), errors=errors[:5], error_count=len(errors))
+        if p["target"] != "kisse":
+            return out
+        devices = [d for body in got for d in body.get("devices") or ()]
+        ec = [d["one_time_prekey"] for d in devices if d.get("one_time_prekey")]
+        pq = [d["pq_prekey"] for d in devices if d["pq_prekey"].get("key_id") != last_resort_id]
+        fallbacks = [d for d in devices if not d.get("one_time_prekey")]
+        out.update(
+            claims=len(got), one_device_each=len(devices) == len(got) and all(len(b["devices"]) == 1 for b in got),
+            ec=_handed_out(ec, uploaded["one_time_prekeys"]), pq=_handed_out(pq, uploaded["pq_one_time_prekeys"]),
+            empty_pool_claims=len(fallbacks), extra_claims=p["extra_claims"],
+            empty_pool_got_last_resort=all(d["pq_prekey"] == bundle["pq_last_resort_prekey"] for d in fallbacks),
+            counts_after=await api.call("GET", "/api/keys", owner[0]))
+        out["handed_out_twice"] = out["ec"]["twice"] + out["pq"]["twice"]
+        # Claims/s as the pools drain, by tenths of the claims in the order they completed
+        # (the last tenth includes the empty-pool claims).
+        tenth = len(done_at) // 10
+        if tenth >= 2:
+            out["claims_per_s_by_tenth"] = [round((tenth - 1) / (done_at[k + tenth - 1] - done_at[k]), 1)
+                                            for k in range(0, 10 * tenth, tenth)]
+        return out
+
+
 # -- restart and soak: the reference client of tests/traffic.py ----------------------------
 async def register_tagged_pairs(api: "Kisse", pairs: int, tag: str,
                                 accept: bool = False) -> tuple[list[Any], list[Any]]:
@@ -1004,7 +1150,7 @@ async def cluster(p: dict[str, Any]) -> dict[str, Any]:
 
 SCENARIOS: dict[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]] = {
     "relay": relay, "idle": idle, "login_storm": login_storm, "blob": blob, "history": history, "rest": rest,
-    "restart": restart, "soak": soak, "cluster": cluster,
+    "restart": restart, "soak": soak, "cluster": cluster, "keys": keys,
 }
 
 

@@ -8,11 +8,14 @@ values raise `SettingsError` naming the variable.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable
 from urllib.parse import urlsplit
+
+import limits
 
 KNOWN_STORAGE_SCHEMES = ("memory", "mongodb", "mongodb+srv")
 MIN_PRODUCTION_SECRET_BYTES = 32
@@ -44,12 +47,18 @@ def _csv(raw: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in raw.split(",") if part.strip())
 
 
+def _networks(raw: str) -> tuple[str, ...]:
+    """Comma-separated CIDRs (a bare address is a /32 or /128); ValueError names none."""
+    return tuple(str(ipaddress.ip_network(part, strict=False)) for part in _csv(raw))
+
+
 @dataclass(frozen=True)
 class Settings:
     """Typed settings; build with `Settings.from_env()` or `Settings(**overrides)`."""
 
     host: str = "0.0.0.0"
     port: int = 8080
+    trusted_proxies: tuple[str, ...] = ()
     storage: str = "memory://"
     bus: str = ""
     bus_lease: float = 10.0
@@ -58,6 +67,8 @@ class Settings:
     refresh_ttl: int = 90 * 86400
     refresh_race_grace: float = 10.0
     max_devices: int = 10
+    prekey_low: int = 10
+    prekey_max: int = 1000
     bcrypt_rounds: int = 12
     env: str = "development"
     max_body: int = 1 * MIB
@@ -77,8 +88,35 @@ class Settings:
     turn_secret: str = ""
     turn_uris: tuple[str, ...] = ()
     turn_ttl: int = 86400
+    retention_days: float = 0.0
+    min_message_ttl: int = 5
+    forget_sweep_interval: float = 1.0
+    last_seen_precision: int = 60
     gc_interval: float = 30.0
     log_level: str = "INFO"
+    # Abuse limits, in the `limits` library's notation ("N/period;M/period"); see kisse/limits.py.
+    rate_limits: str = "on"
+    limit_login_ip: str = "5/minute;9/10 minutes;50/hour"
+    limit_login_user: str = "20/10 minutes"
+    limit_register_ip: str = "10/hour;50/day"
+    limit_refresh: str = "30/hour"
+    limit_password: str = "5/hour"
+    limit_send: str = "60/10 seconds;2000/hour"
+    limit_upload_bytes: str = "2147483648/hour"
+    limit_claims: str = "300/hour"
+    limit_claims_pair: str = "30/hour"
+    limit_calls: str = "10/minute;100/hour"
+    limit_search: str = "60/minute"
+    limit_ws_user: str = "30/minute"
+    limit_ws_ip: str = "120/minute"
+    max_ws_per_user: int = 50
+    max_ws_per_ip: int = 1000
+    ws_frame_rate: int = 50
+    header_timeout: float = 10.0
+    idle_timeout: float = 75.0
+    body_timeout: float = 30.0
+    body_min_rate: int = 8 * KIB
+    fd_reserve: int = 128
     # True when the JWT secret was generated at start-up (development only).
     jwt_secret_generated: bool = False
 
@@ -114,6 +152,15 @@ class Settings:
                 f"use one of {', '.join(s + '://' for s in KNOWN_STORAGE_SCHEMES)}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise SettingsError(f"KISSE_LOG_LEVEL: unknown level {self.log_level!r}")
+        if self.rate_limits not in ("on", "off"):
+            raise SettingsError(f"KISSE_RATE_LIMITS: must be 'on' or 'off', got {self.rate_limits!r}")
+        for option in OPTIONS:
+            if option.field.startswith("limit_"):
+                try:
+                    limits.parse_many(getattr(self, option.field))
+                except ValueError:
+                    raise SettingsError(f"{option.env}: {getattr(self, option.field)!r} is not a limit such as "
+                                        "'10/minute' or '60/10 seconds;2000/hour'") from None
         if self.turn_secret and not self.turn_uris:
             raise SettingsError("KISSE_TURN_URIS: required when KISSE_TURN_SECRET is set")
         if self.env == "production" and self.bcrypt_rounds < MIN_PRODUCTION_BCRYPT_ROUNDS:
@@ -161,6 +208,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("KISSE_REFRESH_RACE_GRACE", "refresh_race_grace", _float,
            "Seconds during which a just-spent refresh token is a race (409), not a theft.", 0),
     Option("KISSE_MAX_DEVICES", "max_devices", _int, "Most live devices (sessions) an account may have.", 1),
+    Option("KISSE_PREKEY_LOW", "prekey_low", _int,
+           "A device left with fewer one-time EC or PQ prekeys than this gets keys.low to upload more.", 0),
+    Option("KISSE_PREKEY_MAX", "prekey_max", _int, "Most one-time prekeys of each kind (EC, PQ) a device may hold.",
+           1),
     Option("KISSE_BCRYPT_ROUNDS", "bcrypt_rounds", _int, "bcrypt cost factor (4-31; at least 10 in production).", 4),
     Option("KISSE_ENV", "env", _str, "development or production."),
     Option("KISSE_MAX_BODY", "max_body", _int, "Largest JSON request body in bytes.", 1),
@@ -191,9 +242,55 @@ OPTIONS: tuple[Option, ...] = (
            "coturn static-auth-secret for TURN REST credentials (empty: TURN off)."),
     Option("KISSE_TURN_URIS", "turn_uris", _csv, "Comma-separated TURN/STUN URIs handed to clients."),
     Option("KISSE_TURN_TTL", "turn_ttl", _int, "TURN credential lifetime in seconds.", 60),
+    Option("KISSE_RETENTION_DAYS", "retention_days", _float,
+           "Days after which messages, their content and call history are deleted (0: kept until deleted).", 0),
+    Option("KISSE_MIN_MESSAGE_TTL", "min_message_ttl", _int,
+           "Shortest disappearing-message timer a conversation may set, in seconds.", 1),
+    Option("KISSE_FORGET_SWEEP_INTERVAL", "forget_sweep_interval", _float,
+           "Seconds between sweeps that delete expired messages (and, with retention, old ones).", 0.01),
+    Option("KISSE_LAST_SEEN_PRECISION", "last_seen_precision", _int,
+           "Seconds last_seen is rounded down to, as stored and as shown (1: exact).", 1),
     Option("KISSE_GC_INTERVAL", "gc_interval", _float,
            "Seconds between full garbage collections of the server process (0: never).", 0),
     Option("KISSE_LOG_LEVEL", "log_level", _str, "DEBUG, INFO, WARNING or ERROR."),
+    Option("KISSE_TRUSTED_PROXIES", "trusted_proxies", _networks,
+           "Comma-separated CIDRs of reverse proxies whose X-Forwarded-For names the client; empty: "
+           "the socket's peer is the client, whatever the headers say."),
+    Option("KISSE_RATE_LIMITS", "rate_limits", _str,
+           "on, or off to lift every limit below (load tests). Counters are shared on KISSE_BUS's Redis."),
+    Option("KISSE_LIMIT_LOGIN_IP", "limit_login_ip", _str, "Failed logins per client IP."),
+    Option("KISSE_LIMIT_LOGIN_USER", "limit_login_user", _str,
+           "Failed logins per username; past it the account answers 429, even to the right password."),
+    Option("KISSE_LIMIT_REGISTER_IP", "limit_register_ip", _str, "Sign-ups per client IP."),
+    Option("KISSE_LIMIT_REFRESH", "limit_refresh", _str, "Token refreshes per device."),
+    Option("KISSE_LIMIT_PASSWORD", "limit_password", _str, "Password changes (and account deletions) per user."),
+    Option("KISSE_LIMIT_SEND", "limit_send", _str, "Messages sent per user, REST and WebSocket together."),
+    Option("KISSE_LIMIT_UPLOAD_BYTES", "limit_upload_bytes", _str, "Content (attachment) bytes uploaded per user."),
+    Option("KISSE_LIMIT_CLAIMS", "limit_claims", _str, "Key-bundle claims per claimer."),
+    Option("KISSE_LIMIT_CLAIMS_PAIR", "limit_claims_pair", _str, "Key-bundle claims per claimer of one user."),
+    Option("KISSE_LIMIT_CALLS", "limit_calls", _str, "Calls started per user."),
+    Option("KISSE_LIMIT_SEARCH", "limit_search", _str, "User searches per user."),
+    Option("KISSE_LIMIT_WS_USER", "limit_ws_user", _str, "WebSocket connections opened per user."),
+    Option("KISSE_LIMIT_WS_IP", "limit_ws_ip", _str, "WebSocket connections opened per client IP."),
+    Option("KISSE_MAX_WS_PER_USER", "max_ws_per_user", _int, "WebSockets a user may hold open at once, per node.", 1),
+    Option("KISSE_MAX_WS_PER_IP", "max_ws_per_ip", _int, "WebSockets a client IP may hold open at once, per node.", 1),
+    Option("KISSE_WS_FRAME_RATE", "ws_frame_rate", _int,
+           "Frames a WebSocket may send per second; past it they get rate_limited, and past twice it the "
+           "socket closes with 1008.", 1),
+    Option("KISSE_HEADER_TIMEOUT", "header_timeout", _float,
+           "Seconds a new connection has to send its first request's complete headers, however it "
+           "trickles them (WebSocket upgrades included).", 0.01),
+    Option("KISSE_IDLE_TIMEOUT", "idle_timeout", _float,
+           "Seconds a keep-alive connection has, after a response, to send its next request's complete "
+           "headers; keep it above a reverse proxy's upstream keep-alive timeout.", 0.01),
+    Option("KISSE_BODY_TIMEOUT", "body_timeout", _float,
+           "Seconds a request body may take, plus one per KISSE_BODY_MIN_RATE bytes received: a slow "
+           "upload goes on, a trickle is cut.", 0.01),
+    Option("KISSE_BODY_MIN_RATE", "body_min_rate", _int,
+           "Bytes a second a long request body must average to keep going (see KISSE_BODY_TIMEOUT).", 1),
+    Option("KISSE_FD_RESERVE", "fd_reserve", _int,
+           "File descriptors kept free for the users already served (database connections, files): "
+           "this close to the limit (ulimit -n), new connections are refused.", 1),
 )
 
 

@@ -3,13 +3,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from handlers import auth, blocks, calls, content, conversations, devices, health, messages, metrics, presence, users, ws
+from handlers import (auth, blocks, calls, content, conversations, devices, health, keys, messages, metrics, presence,
+                      users, ws)
 
 default_handlers: list[tuple[str, Any]] = [
     *health.routes,
     *metrics.routes,
     *auth.routes,
     *devices.routes,
+    *keys.routes,
     *users.routes,
     *blocks.routes,
     *conversations.routes,

@@ -14,7 +14,7 @@ class RegisterHandler(APIHandler):
     async def post(self) -> None:
         body = self.json_body()
         self.send_json(await auth.register(self.rt, body["username"], body["password"], body.get("display_name"),
-                                           body.get("device_name")), status=201)
+                                           body.get("device_name"), client=self.client_ip), status=201)
 
 
 class LoginHandler(APIHandler):
@@ -24,7 +24,7 @@ class LoginHandler(APIHandler):
     async def post(self) -> None:
         body = self.json_body()
         self.send_json(await auth.login(self.rt, body["username"], body["password"], body.get("device_name"),
-                                        body.get("replace_device_id")))
+                                        body.get("replace_device_id"), client=self.client_ip))
 
 
 class RefreshHandler(APIHandler):

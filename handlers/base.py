@@ -12,6 +12,7 @@ from tornado.iostream import StreamClosedError
 
 from config.settings import Settings
 from kisse import sessions
+from kisse.addresses import client_ip
 from kisse.sessions import Identity
 from kisse.errors import KisseError, NotFound, PayloadTooLarge, client_error
 from kisse.hub import Hub
@@ -60,6 +61,10 @@ class APIHandler(tornado.web.RequestHandler):
     @property
     def kisse_settings(self) -> Settings:
         return self.rt.settings
+
+    @property
+    def client_ip(self) -> str:
+        return client_ip(self.request, self.rt.settings.trusted_proxies)
 
     @property
     def me(self) -> Identity:

@@ -71,12 +71,15 @@ class CatchUp:
 
     async def run(self, storage: Storage, user_id: str, cursors: dict[str, int],
                   send: Callable[[dict[str, Any]], Awaitable[bool]],
-                  view: Callable[[Record], dict[str, Any]] = messaging.message_view) -> tuple[int, list[bytes]]:
+                  view: Callable[[Record], dict[str, Any]] = messaging.message_view,
+                  ) -> tuple[int, list[bytes], dict[str, list[list[int]]]]:
         """Send every message after `cursors` through `send` (which waits for the
         socket and says False once it is gone); return how many messages the
-        catch-up covered and the held frames to send after it."""
+        catch-up covered, the held frames to send after it, and per conversation
+        the seq ranges it passed that hold no message (expired)."""
         self.holding = True
         covered: set[Key] = set()
+        holes: dict[str, set[tuple[int, int]]] = {}
         upto = dict(cursors)  # per conversation: the highest seq sent (or the client's cursor)
         while True:
             self._overflowed = False
@@ -86,16 +89,25 @@ class CatchUp:
                 if after is None:
                     receipt = (await storage.get_receipts(conversation_id)).get(user_id)
                     after = receipt["delivered_seq"] if receipt else 0
-                while after < conversation["last_seq"]:
+                last_seq = conversation["last_seq"]
+                while after < last_seq:
                     page, more = await storage.list_messages(conversation_id, after=after, limit=PAGE)
+                    for hole in messaging.expired_ranges([r["seq"] for r in page], after + 1,
+                                                         page[-1]["seq"] if more else last_seq,
+                                                         conversation.get("pending_seqs", ())):
+                        holes.setdefault(conversation_id, set()).add((hole[0], hole[1]))
                     for record in page:
                         key = (conversation_id, record["seq"])
                         if key not in self._pushed and key not in covered:
                             if not await send(view(record)):
-                                return len(covered), self.release(covered)
+                                return len(covered), self.release(covered), _ranges(holes)
                         covered.add(key)
                         upto[conversation_id] = after = record["seq"]
                     if not page or not more:
                         break
             if not self._overflowed:  # nothing held was dropped: the seam is complete
-                return len(covered), self.release(covered)
+                return len(covered), self.release(covered), _ranges(holes)
+
+
+def _ranges(holes: dict[str, set[tuple[int, int]]]) -> dict[str, list[list[int]]]:
+    return {conversation_id: [list(r) for r in sorted(found)] for conversation_id, found in holes.items()}

@@ -30,6 +30,8 @@ class ContentHandler(APIHandler):
             return
         self.rt.metrics.blob_bytes.labels("in").inc(len(chunk))
         try:
+            if self.declared_length() is None:
+                await self.rt.limits.hit("upload_bytes", self.user_id, cost=len(chunk))
             await content.write_chunk(self.rt, self._writer, chunk)
         except KisseError as error:  # answered in post(), once the body is read
             self._upload_error = error

@@ -36,12 +36,17 @@ class ConversationHandler(APIHandler):
 
     async def patch(self, conversation_id: str) -> None:
         body = self.json_body()
-        if "title" not in body:
-            view = await messaging.conversation_view(
-                self.rt, await messaging.member_conversation(self.rt, self.user_id, conversation_id), self.user_id)
-            self.send_json({"conversation": view})
-            return
-        self.send_json(await membership.set_title(self.rt, self.user_id, conversation_id, body["title"]))
+        answer = None
+        if "message_ttl" in body:
+            membership.check_message_ttl(self.rt, body["message_ttl"])  # before the title changes
+        if "title" in body:  # a group's admins only: checked first, so a refusal changes nothing
+            answer = await membership.set_title(self.rt, self.user_id, conversation_id, body["title"])
+        if "message_ttl" in body:
+            answer = await membership.set_message_ttl(self.rt, self.user_id, conversation_id, body["message_ttl"])
+        if answer is None:
+            answer = {"conversation": await messaging.conversation_view(
+                self.rt, await messaging.member_conversation(self.rt, self.user_id, conversation_id), self.user_id)}
+        self.send_json(answer)
 
 
 class AcceptHandler(APIHandler):

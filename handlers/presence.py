@@ -9,7 +9,8 @@ class PresenceHandler(APIHandler):
     BODIES = {"POST": schemas.SET_PRESENCE}
     async def post(self) -> None:
         body = self.json_body()
-        self.send_json({"presence": await presence.set_status(self.rt, self.user_id, body["status"])})
+        self.send_json({"presence": await presence.set_status(self.rt, self.user_id, body.get("status"),
+                                                              body.get("show_last_seen"))})
 
 
 class UserPresenceHandler(APIHandler):

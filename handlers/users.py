@@ -12,6 +12,7 @@ class UsersHandler(APIHandler):
         query = self.get_query_argument("q", "").strip()
         limit = self.query_int("limit", 20, minimum=1, maximum=SEARCH_MAX)
         assert limit is not None
+        await self.rt.limits.hit("search", self.user_id)
         self.send_json(await messaging.search_users(self.rt, query, limit, self.get_query_argument("after", None)))
 
 

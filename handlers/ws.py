@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -15,8 +16,9 @@ from handlers.base import bearer_token, render_error, secure_headers
 from handlers.catchup import CatchUp
 from handlers.lanes import Lanes, lane_of
 from handlers.outbox import Outbox
-from kisse import calls, messaging, presence, protocol, sessions
-from kisse.errors import BadRequest, KisseError, PayloadTooLarge, Unauthorized, client_error
+from kisse import calls, keys, messaging, presence, protocol, sessions
+from kisse.addresses import client_ip
+from kisse.errors import BadRequest, KisseError, PayloadTooLarge, RateLimited, Unauthorized, client_error
 from kisse.logs import new_request_id
 from kisse.runtime import Runtime
 from storage.base import new_id
@@ -29,6 +31,8 @@ PROGRESS_SLACK = 512
 # A heartbeat that wakes this many intervals late means the loop was too busy to
 # read: that interval gives no verdict on the peer.
 LATE_WAKEUP = 1.5
+# What a client at a cap of open connections is told to wait before trying again.
+OPEN_CAP_RETRY = 10
 
 Action = Callable[["GatewaySocket", dict[str, Any]], Awaitable[Any]]
 
@@ -73,7 +77,22 @@ class GatewaySocket(tornado.websocket.WebSocketHandler):
         # when the session is revoked.
         identity = await sessions.authenticate(self.rt, token)
         self.user_id, self.device_id, self.session_id = identity.user_id, identity.device_id, identity.session_id
+        self.client_ip = client_ip(self.request, self.rt.settings.trusted_proxies)
+        await self._admit()
         self.conn_id = new_id()
+
+    async def _admit(self) -> None:
+        """429 for one connection too many: opened too often, or too many open on this node."""
+        rt = self.rt
+        if not rt.limits.enabled:
+            return
+        await rt.limits.spend(("ws_user", (self.user_id,)), ("ws_ip", (self.client_ip,)))
+        if len(rt.hub.connections(self.user_id)) >= rt.settings.max_ws_per_user:
+            raise RateLimited(f"this account holds {rt.settings.max_ws_per_user} connections open here: close some",
+                              details={"retry_after": OPEN_CAP_RETRY})
+        if rt.hub.count_from(self.client_ip) >= rt.settings.max_ws_per_ip:
+            raise RateLimited(f"this address holds {rt.settings.max_ws_per_ip} connections open here: close some",
+                              details={"retry_after": OPEN_CAP_RETRY})
 
     def set_default_headers(self) -> None:
         secure_headers(self)
@@ -111,6 +130,9 @@ class GatewaySocket(tornado.websocket.WebSocketHandler):
         self.set_nodelay(True)
         loop = asyncio.get_running_loop()
         self._answered = True
+        self._frames, self._frames_until = 0, 0.0
+        # KISSE_RATE_LIMITS=off: no cap a load test could reach.
+        self._frame_rate = self.rt.settings.ws_frame_rate if self.rt.limits.enabled else 2**62
         self._paused = self._paused_since_ping = False
         self._heartbeat = loop.create_task(self._beat())
         self._sync_grace = loop.call_later(self.rt.settings.ws_sync_grace, self._end_sync_grace)
@@ -220,10 +242,23 @@ class GatewaySocket(tornado.websocket.WebSocketHandler):
         protocol.MAX_WAITING_REQUESTS running or waiting, Tornado stops reading
         until one is done: a client cannot queue unbounded work."""
         self._answered = True
+        now = time.monotonic()
+        if now >= self._frames_until:  # a fixed one-second window: per connection, nothing to share
+            self._frames_until, self._frames = now + 1.0, 0
+        self._frames += 1
         try:
             kind, request_id, data = protocol.parse(message)
         except protocol.FrameError as error:
             self.reply("error", error.to_dict(), error.request_id)
+            return None
+        if self._frames > self._frame_rate:
+            if self._frames > 2 * self._frame_rate:
+                self.close(protocol.CLOSE_POLICY, "too many frames: slow down when told rate_limited")
+                return None
+            retry_after = max(1, math.ceil(self._frames_until - now))
+            self.rt.metrics.rate_limited.labels("ws_frames").inc()
+            self.reply("error", {"code": "rate_limited", "message": f"more than {self._frame_rate} frames a second: "
+                                 f"retry in {retry_after} s", "details": {"retry_after": retry_after}}, request_id)
             return None
         self.rt.metrics.frames.count("in", kind)
         if self._draining:  # shutting down: taken by no one, so safe to send again elsewhere
@@ -258,10 +293,11 @@ class GatewaySocket(tornado.websocket.WebSocketHandler):
         (handlers/catchup.py: no gap and no duplicate at the seam)."""
         self._sync_grace.cancel()
         view = await messaging.visible_to(self.rt, self.user_id)
-        covered, held = await self._catchup.run(self.rt.storage, self.user_id, cursors, self._send_now, view)
+        covered, held, expired = await self._catchup.run(self.rt.storage, self.user_id, cursors, self._send_now, view)
         for frame in held:
             self._send(frame, urgent=True)
-        return {"messages": covered}
+        await keys.tell_if_low(self.rt, self.user_id, self.session_id, conn_id=self.conn_id)  # a missed keys.low
+        return {"messages": covered, "expired": expired}
 
     def _end_sync_grace(self) -> None:
         """A client that has not synced yet gets its held live messages now."""
@@ -334,7 +370,8 @@ async def _call_start(socket: GatewaySocket, data: dict[str, Any]) -> Any:
 
 
 async def _presence(socket: GatewaySocket, data: dict[str, Any]) -> Any:
-    return {"presence": await presence.set_status(socket.rt, socket.user_id, data["status"])}
+    return {"presence": await presence.set_status(socket.rt, socket.user_id, data.get("status"),
+                                                  data.get("show_last_seen"))}
 
 
 async def _receipt(socket: GatewaySocket, data: dict[str, Any], kind: str) -> Any:

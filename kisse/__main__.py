@@ -10,11 +10,10 @@ import signal
 import sys
 from urllib.parse import urlsplit, urlunsplit
 
-import tornado.httpserver
-
 from config.settings import OPTIONS, Settings, SettingsError
 from handlers.base import BODY_SLACK
-from kisse.app import make_app, shutdown, startup
+from kisse.app import make_app, runtime, shutdown, startup
+from kisse.listener import GuardedHTTPServer, raise_descriptor_limit
 from kisse.logs import setup_logging
 from kisse.tasks import Background
 from storage import create_storage
@@ -51,6 +50,7 @@ class StartupError(Exception):
 
 
 async def serve(settings: Settings) -> None:
+    soft_before, soft = raise_descriptor_limit()
     storage = create_storage(settings.storage)
     app = make_app(settings, storage)
     try:
@@ -59,8 +59,14 @@ async def serve(settings: Settings) -> None:
         await storage.close()
         raise StartupError(f"KISSE_STORAGE: cannot reach {redact(settings.storage)} "
                            f"({type(error).__name__}); is the database running?") from None
-    server = tornado.httpserver.HTTPServer(app, xheaders=True, max_body_size=settings.max_body + BODY_SLACK)
+    server = GuardedHTTPServer(app, xheaders=False, max_body_size=settings.max_body + BODY_SLACK,
+                               header_timeout=settings.header_timeout, idle_timeout=settings.idle_timeout,
+                               body_timeout=settings.body_timeout, body_min_rate=settings.body_min_rate,
+                               fd_reserve=settings.fd_reserve)
     server.listen(settings.port, settings.host)
+    runtime(app).metrics.listener_stats = lambda: {"refused": server.refused_total, "cut": server.cut_total}
+    log.info("file descriptors", extra={"limit": soft, "raised_from": soft_before,
+                                        "refuse_connections_from": server.descriptors.mark})
     log.info("kisse listening", extra={"host": settings.host, "port": settings.port,
                                        "storage": settings.storage.split("://")[0]})
     process = Background()

@@ -13,6 +13,9 @@ from kisse import auth, messaging
 from kisse.calls import CallTimers
 from kisse.bus import BLOCKS_CHANGED, CONVERSATION_CHANGED, make_bus
 from kisse.contacts import Blocks
+from kisse.forgetting import Forgetting
+from kisse import limits
+from kisse.limits import Limits
 from kisse.members import Members
 from kisse.metrics import Metrics
 from kisse.presence import PresenceTracker
@@ -54,6 +57,8 @@ def make_app(settings: Settings, storage: Storage) -> tornado.web.Application:
     rt.metrics.bus_stats = lambda: getattr(rt.bus, "stats", {})
     rt.members = Members(storage)
     rt.blocks = Blocks(rt)
+    rt.limits = Limits(settings, on_refusal=lambda name: rt.metrics.rate_limited.labels(name).inc())
+    rt.forgetting = Forgetting(rt)
     rt.bus.subscribe(rt.members.on_event, CONVERSATION_CHANGED)
     rt.bus.subscribe(rt.blocks.on_event, BLOCKS_CHANGED)
     return tornado.web.Application(
@@ -79,6 +84,8 @@ async def startup(app: tornado.web.Application) -> None:
     await auth.prepare(rt)
     rt.calls.start()
     rt.tasks.every(rt.settings.send_repair_after, lambda: messaging.repair_sends(rt), "send repair")
+    rt.forgetting.start()
+    rt.tasks.every(limits.SWEEP_EVERY, rt.limits.sweep, "rate-limit sweep", first_after=limits.SWEEP_EVERY)
 
 
 async def shutdown(app: tornado.web.Application, grace: float = 10.0) -> None:
@@ -100,4 +107,5 @@ async def shutdown(app: tornado.web.Application, grace: float = 10.0) -> None:
     rt.typing.close()
     await rt.tasks.close()  # background work ends before the storage it uses
     await rt.bus.close()
+    await rt.limits.close()
     await rt.storage.close()

@@ -62,7 +62,8 @@ def validate_credentials(username: str, password: str) -> str:
 
 
 async def register(rt: Runtime, username: str, password: str, display_name: str | None,
-                   device_name: str | None = None) -> dict[str, Any]:
+                   device_name: str | None = None, client: str = "") -> dict[str, Any]:
+    await rt.limits.hit("register_ip", client)
     canonical = validate_credentials(username, password)
     if await rt.storage.get_credentials(canonical) is not None:
         raise Conflict("username is taken", code="username_taken")
@@ -90,10 +91,20 @@ async def _check_password(rt: Runtime, found: tuple[Record, str] | None, passwor
 
 
 async def login(rt: Runtime, username: str, password: str, device_name: str | None = None,
-                replace_device_id: int | None = None) -> dict[str, Any]:
+                replace_device_id: int | None = None, client: str = "") -> dict[str, Any]:
+    """A new device for the right password. Failures count per client address and per
+    username: past either limit the answer is 429, before any bcrypt, even to the
+    right password (docs/SECURITY.md: why a victim's account is not locked for long)."""
     canonical = canonical_username(username)
+    account = canonical or username.lower()
+    await rt.limits.check("login_ip", client)
+    await rt.limits.check("login_user", account)
     found = await rt.storage.get_credentials(canonical) if canonical else None
-    user = await _check_password(rt, found, password)
+    try:
+        user = await _check_password(rt, found, password)
+    except Unauthorized:
+        await rt.limits.spend(("login_ip", (client,)), ("login_user", (account,)))
+        raise
     return await sessions.open_session(rt, user, device_name, replace_device_id)
 
 
@@ -104,6 +115,7 @@ async def _own_credentials(rt: Runtime, identity: sessions.Identity) -> tuple[Re
 
 async def change_password(rt: Runtime, identity: sessions.Identity, current: str, new: str) -> dict[str, Any]:
     """Set a new password: every other device is signed out, this one gets fresh tokens."""
+    await rt.limits.hit("password", identity.user_id)
     found = await _own_credentials(rt, identity)
     user = await _check_password(rt, found, current)
     validate_credentials(user["username"], new)
@@ -114,6 +126,7 @@ async def change_password(rt: Runtime, identity: sessions.Identity, current: str
 
 async def delete_account(rt: Runtime, identity: sessions.Identity, password: str) -> None:
     """Erase the account (storage.base.Storage.delete_user); its contacts hear of it."""
+    await rt.limits.hit("password", identity.user_id)  # the password is checked: guesses count
     found = await _own_credentials(rt, identity)
     user = await _check_password(rt, found, password)
     contacts = await rt.storage.contact_ids(user["id"])

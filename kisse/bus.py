@@ -33,6 +33,7 @@ INTERNAL = frozenset({SESSIONS_REVOKED, CONVERSATION_CHANGED, BLOCKS_CHANGED})
 class Event:
     """`type` and `data` (the frame), for every connection of `users` but
     `exclude_conn`; or, with `conn`, for that one connection of `users[0]`;
+    or, with `session`, for the connections of that device of `users[0]`;
     or, with `everywhere`, for every process (internal events only)."""
 
     type: str
@@ -41,15 +42,16 @@ class Event:
     conn: str | None = None
     exclude_conn: str | None = None
     everywhere: bool = False
+    session: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"type": self.type, "data": self.data, "users": list(self.users), "conn": self.conn,
-                "exclude_conn": self.exclude_conn, "everywhere": self.everywhere}
+                "exclude_conn": self.exclude_conn, "everywhere": self.everywhere, "session": self.session}
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> "Event":
         return cls(raw["type"], raw["data"], tuple(raw["users"]), raw["conn"], raw["exclude_conn"],
-                   raw["everywhere"])
+                   raw["everywhere"], raw.get("session"))  # .get: a node of the version before sessions
 
 
 Subscriber = Callable[[Event], Any]
@@ -86,6 +88,10 @@ class Bus:
         connections of this process it was handed to."""
         return self.publish(Event(event_type, data, tuple(users), exclude_conn=exclude_conn))
 
+    def send_device(self, user_id: str, session_id: str, event_type: str, data: dict[str, Any]) -> int:
+        """Publish a frame to the connections of one device (its session), wherever they are."""
+        return self.publish(Event(event_type, data, (user_id,), session=session_id))
+
     def revoke_sessions(self, user_id: str, session_ids: Iterable[str], code: int, reason: str) -> None:
         """Close the user's connections of these sessions, on whichever process holds them."""
         self.publish(Event(SESSIONS_REVOKED, {"session_ids": sorted(session_ids), "code": code, "reason": reason},
@@ -118,6 +124,8 @@ class Bus:
                 return 0
             self.hub.push_one(connection, event.type, event.data)
             return 1
+        if event.session is not None:
+            return self.hub.publish_session(event.users[0], event.session, event.type, event.data)
         return self.hub.publish(event.users, event.type, event.data, exclude_conn=event.exclude_conn)
 
     # -- the directory of who is where (a cluster's; one process knows it all) ---------

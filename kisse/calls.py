@@ -99,6 +99,7 @@ async def party_call(rt: Runtime, user_id: str, call_id: str) -> Record:
 
 async def start_call(rt: Runtime, caller_id: str, callee_id: str, media: str,
                      origin_conn: str | None = None) -> dict[str, Any]:
+    await rt.limits.hit("calls", caller_id)
     if callee_id not in await rt.storage.contact_ids(caller_id):
         # A stranger, a pending request, a block either way: the same answer, and the
         # callee never rings nor shows busy (kisse/contacts.py).

@@ -35,6 +35,8 @@ async def begin_upload(rt: Runtime, user_id: str, message_id: str, declared_size
         raise PayloadTooLarge(f"content is larger than {rt.settings.max_blob} bytes", code="blob_too_large")
     if declared_size == 0:
         raise BadRequest("content must not be empty", code="empty_content")
+    if declared_size is not None:  # refused before a byte is read; else counted as it comes
+        await rt.limits.hit("upload_bytes", user_id, cost=declared_size)
     if message_id in rt.uploading:
         raise Conflict("this message's content is being uploaded right now", code="upload_in_progress")
     rt.uploading.add(message_id)
@@ -67,7 +69,11 @@ async def finish_upload(rt: Runtime, message: Record, writer: BlobWriter) -> tup
     if size == 0:
         await rt.storage.delete_blob(writer.blob_id)
         raise BadRequest("content must not be empty", code="empty_content")
-    stored = await rt.storage.attach_content(message["id"], writer.blob_id, size, sha256)
+    try:
+        stored = await rt.storage.attach_content(message["id"], writer.blob_id, size, sha256)
+    except KeyError:  # the message expired (and went) while its content was coming
+        await rt.storage.delete_blob(writer.blob_id)
+        raise NotFound("no such message: it expired", code="message_not_found") from None
     if stored["blob_id"] == writer.blob_id:
         return dict(stored["content"]), True
     await rt.storage.delete_blob(writer.blob_id)  # lost the race, or a repeat upload

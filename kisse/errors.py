@@ -55,6 +55,12 @@ class PayloadTooLarge(KisseError):
     status, code = 413, "payload_too_large"
 
 
+class RateLimited(KisseError):
+    """A limit is reached: `details.retry_after` (seconds, also the Retry-After header)."""
+
+    status, code = 429, "rate_limited"
+
+
 class RangeNotSatisfiable(KisseError):
     status, code = 416, "range_not_satisfiable"
 

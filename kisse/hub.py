@@ -18,6 +18,7 @@ class Connection(Protocol):
     conn_id: str
     user_id: str
     session_id: str
+    client_ip: str
 
     def push(self, event_type: str, data: dict[str, Any], frame: bytes) -> None:
         """Queue an already-encoded event frame for this client."""
@@ -33,6 +34,7 @@ class Hub:
 
     def __init__(self) -> None:
         self._by_user: dict[str, dict[str, Connection]] = {}
+        self._by_ip: dict[str, int] = {}  # open connections per client address (KISSE_MAX_WS_PER_IP)
         # Called with a user id when their first connection opens / last one closes.
         self.on_first_connection: list[Callable[[str], Any]] = []
         self.on_last_disconnection: list[Callable[[str], Any]] = []
@@ -44,6 +46,7 @@ class Hub:
     def add(self, connection: Connection) -> None:
         devices = self._by_user.setdefault(connection.user_id, {})
         devices[connection.conn_id] = connection
+        self._by_ip[connection.client_ip] = self._by_ip.get(connection.client_ip, 0) + 1
         if len(devices) == 1:
             for listener in self.on_first_connection:
                 listener(connection.user_id)
@@ -52,12 +55,19 @@ class Hub:
         devices = self._by_user.get(connection.user_id)
         if not devices or devices.pop(connection.conn_id, None) is None:
             return
+        left = self._by_ip.pop(connection.client_ip, 1) - 1
+        if left:
+            self._by_ip[connection.client_ip] = left
         for listener in self.on_connection_closed:
             listener(connection)
         if not devices:
             del self._by_user[connection.user_id]
             for listener in self.on_last_disconnection:
                 listener(connection.user_id)
+
+    def count_from(self, client_ip: str) -> int:
+        """Open connections from this client address."""
+        return self._by_ip.get(client_ip, 0)
 
     def is_connected(self, user_id: str) -> bool:
         return user_id in self._by_user
@@ -82,6 +92,15 @@ class Hub:
                     connection.push(event_type, data, frame)
                     sent += 1
         return sent
+
+    def publish_session(self, user_id: str, session_id: str, event_type: str, data: dict[str, Any]) -> int:
+        """Send an event to the user's connections of one device session."""
+        mine = [c for c in self._by_user.get(user_id, {}).values() if c.session_id == session_id]
+        if mine:
+            frame = encode(event_type, data)
+            for connection in mine:
+                connection.push(event_type, data, frame)
+        return len(mine)
 
     def push_one(self, connection: Connection, event_type: str, data: dict[str, Any]) -> None:
         connection.push(event_type, data, encode(event_type, data))

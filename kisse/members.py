@@ -23,11 +23,13 @@ class Membership:
     ids: tuple[str, ...]
     requests: frozenset[str]
     admins: frozenset[str]
+    message_ttl: int | None = None  # disappearing messages: what a send gives its message
 
     @classmethod
     def of(cls, conversation: Record) -> "Membership":
         return cls(conversation["kind"], tuple(conversation["participant_ids"]),
-                   frozenset(conversation["requests"]), frozenset(conversation["admins"]))
+                   frozenset(conversation["requests"]), frozenset(conversation["admins"]),
+                   conversation.get("message_ttl"))
 
     def accepted(self, user_id: str) -> bool:
         return user_id in self.ids and user_id not in self.requests

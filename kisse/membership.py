@@ -25,7 +25,7 @@ def _accepted(conversation: Record) -> list[str]:
 
 def _updated(conversation: Record) -> dict[str, Any]:
     return {"conversation_id": conversation["id"], "title": conversation["title"],
-            "admins": list(conversation["admins"])}
+            "admins": list(conversation["admins"]), "message_ttl": conversation.get("message_ttl")}
 
 
 async def accept(rt: Runtime, user_id: str, conversation_id: str) -> dict[str, Any]:
@@ -115,6 +115,26 @@ async def set_role(rt: Runtime, admin_id: str, conversation_id: str, user_id: st
     messaging.membership_changed(rt, conversation)
     rt.bus.send(_accepted(conversation), "conversation.updated", _updated(conversation))
     return {"conversation": await messaging.conversation_view(rt, conversation, admin_id)}
+
+
+def check_message_ttl(rt: Runtime, ttl: int | None) -> None:
+    """400 for a timer shorter than KISSE_MIN_MESSAGE_TTL (the schema bounds the rest)."""
+    if ttl is not None and ttl < rt.settings.min_message_ttl:
+        raise BadRequest(f"message_ttl: must be at least {rt.settings.min_message_ttl} seconds, or null",
+                         code="invalid_field", details={"field": "message_ttl"})
+
+
+async def set_message_ttl(rt: Runtime, user_id: str, conversation_id: str, ttl: int | None) -> dict[str, Any]:
+    """Disappearing messages, set (or turned off) by any member: messages sent from now
+    on expire `ttl` seconds after they are sent. Every member hears it."""
+    check_message_ttl(rt, ttl)
+    await messaging.member_conversation(rt, user_id, conversation_id)
+    conversation = await rt.storage.set_message_ttl(conversation_id, ttl)
+    if conversation is None:
+        raise messaging.no_conversation()
+    messaging.membership_changed(rt, conversation)  # sends read the ttl from the cached membership
+    rt.bus.send(_accepted(conversation), "conversation.updated", _updated(conversation))
+    return {"conversation": await messaging.conversation_view(rt, conversation, user_id)}
 
 
 async def set_title(rt: Runtime, admin_id: str, conversation_id: str, title: str | None) -> dict[str, Any]:

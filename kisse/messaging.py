@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+from collections.abc import Iterable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -152,7 +153,7 @@ async def _conversation_view(rt: Runtime, conversation: Record, viewer_id: str, 
                 "last_activity_at": iso(former.get("left_at") or conversation["created_at"]),
                 "last_seq": former["up_to_seq"], "participants": [],
                 "membership": {"state": "left", "role": "member", "up_to_seq": former["up_to_seq"]},
-                "last_message": None, "unread_count": 0}
+                "last_message": None, "unread_count": 0, "message_ttl": None}
     participants = [{**{k: v for k, v in user_view(user).items() if k != "created_at"},
                      "role": "admin" if user["id"] in admins else "member", "presence": shown_presence(user)}
                     for user in (users.get(m) for m in conversation["participant_ids"]) if user is not None]
@@ -163,12 +164,14 @@ async def _conversation_view(rt: Runtime, conversation: Record, viewer_id: str, 
     unread = (await rt.storage.count_unread(conversation["id"], viewer_id, read_seq, hidden)
               if conversation["last_seq"] > read_seq else 0)
     last = conversation["last_message"]
+    if last is not None and last.get("expires_at") is not None and last["expires_at"] <= utcnow():
+        last = None  # expired: the sweep points last_message at what is left in a moment
     last_view = None if last is None else blocked_view(last) if last["sender_id"] in hidden else message_view(last)
     return {"id": conversation["id"], "kind": conversation["kind"], "title": conversation["title"],
             "created_by": conversation["created_by"], "created_at": iso(conversation["created_at"]),
             "last_activity_at": iso(conversation["last_activity_at"]),
             "last_seq": conversation["last_seq"], "participants": participants, "membership": membership,
-            "last_message": last_view, "unread_count": unread}
+            "last_message": last_view, "unread_count": unread, "message_ttl": conversation.get("message_ttl")}
 
 
 async def list_conversations(rt: Runtime, user_id: str, limit: int, before: tuple[datetime, str] | None,
@@ -200,6 +203,7 @@ async def send_message(rt: Runtime, user_id: str, conversation_id: str, client_m
     Returns `(message, created)`. The new message goes to every member's
     connections but the one it came from.
     """
+    await rt.limits.hit("send", user_id)
     data = decode_ciphertext(rt, ciphertext)
     membership = await membership_of(rt, user_id, conversation_id)
     if membership.kind == "direct" and len(membership.ids) < 2:
@@ -213,7 +217,8 @@ async def send_message(rt: Runtime, user_id: str, conversation_id: str, client_m
     key = (user_id, client_message_id)
     rt.sending.add(key)
     try:
-        message, created = await rt.storage.add_message(conversation_id, user_id, client_message_id, data, content)
+        message, created = await rt.storage.add_message(conversation_id, user_id, client_message_id, data, content,
+                                                        ttl=membership.message_ttl)
     except BaseException:
         # Maybe stored, maybe not: its retry publishes what this attempt could not.
         rt.unconfirmed_sends[key] = None
@@ -300,11 +305,35 @@ async def history(rt: Runtime, user_id: str, conversation_id: str, before: int |
         before = cap if before is None and after is None else before
         before = min(before, cap) if before is not None else None
     messages, more = await rt.storage.list_messages(conversation_id, before=before, after=after, limit=limit)
+    last_seq = conversation["last_seq"] if former is None else former["up_to_seq"]
     if former is not None and after is not None:
         more = more and messages[-1]["seq"] < former["up_to_seq"]
         messages = [m for m in messages if m["seq"] <= former["up_to_seq"]]
+    seqs = [m["seq"] for m in messages]
+    # The span this page speaks for: to its far end while there is more, else to the edge.
+    if after is not None:
+        low, high = after + 1, seqs[-1] if more else last_seq
+    else:
+        low, high = seqs[0] if more else 1, (before - 1 if before is not None else last_seq)
     view = await visible_to(rt, user_id)
-    return {"messages": [view(m) for m in messages], "has_more": more}
+    return {"messages": [view(m) for m in messages], "has_more": more,
+            "expired": expired_ranges(seqs, low, min(high, last_seq), conversation.get("pending_seqs", ()))}
+
+
+def expired_ranges(seqs: list[int], low: int, high: int, pending: Iterable[int] = ()) -> list[list[int]]:
+    """`[first, last]` seq ranges within `low..high` that hold no message: they expired
+    (or passed retention). Seqs have no other gaps, so a client tells "expired" from
+    "lost": only these are missing on purpose. `pending` seqs (a send under way, its
+    message not numbered yet) are holes for a moment, and never reported."""
+    present = sorted({*seqs, *(p for p in pending if low <= p <= high)})
+    ranges, expect = [], low
+    for seq in present:
+        if seq > expect:
+            ranges.append([expect, seq - 1])
+        expect = seq + 1
+    if expect <= high:
+        ranges.append([expect, high])
+    return ranges
 
 
 # -- receipts -------------------------------------------------------------------

@@ -27,6 +27,16 @@ class Metrics:
         self.blob_bytes = Counter("kisse_blob_bytes_total", "Encrypted content bytes", ["direction"], registry=r)
         self.call_outcomes = Counter("kisse_call_outcomes_total", "Calls reaching a final status",
                                      ["status"], registry=r)
+        self.rate_limited = Counter("kisse_rate_limited_total", "Requests refused by an abuse limit (429 or "
+                                    "rate_limited)", ["limit"], registry=r)
+        # The listener (kisse/listener.py) of `python -m kisse`; none in tests that build the app alone.
+        self.listener_stats: Callable[[], dict[str, Any]] = dict
+        for key, name, text in (
+                ("refused", "kisse_connections_refused",
+                 "Connections refused near the file-descriptor limit (cumulative)"),
+                ("cut", "kisse_slow_clients_cut",
+                 "Connections cut by the first request's header timeout or a body timeout (cumulative)")):
+            Gauge(name, text, registry=r).set_function(lambda key=key: float(self.listener_stats().get(key, 0)))
         self.bus_stats: Callable[[], dict[str, Any]] = dict
         for key, text in (("published", "Events sent to other cluster nodes"),
                           ("received", "Events received from other cluster nodes"),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import datetime, timezone
 from typing import Any
 
 from kisse.errors import NotFound
@@ -86,7 +87,7 @@ class PresenceTracker:
             record = (await self.rt.storage.get_presences([user_id])).get(user_id)
             invisible = record is not None and record["status"] == "offline"
             if not invisible:
-                record = await self.rt.storage.set_presence(user_id, last_seen=utcnow())
+                record = await self.rt.storage.set_presence(user_id, last_seen=coarse(self.rt, utcnow()))
             if invisible:
                 return  # contacts already see an invisible user as offline
             await publish(self.rt, user_id, await effective(self.rt, user_id, record))
@@ -106,11 +107,18 @@ async def effective(rt: Runtime, user_id: str, record: dict[str, Any] | None = N
     return shown(record, user_id, bool(await rt.presence.present_among([user_id])))
 
 
+def coarse(rt: Runtime, moment: datetime) -> datetime:
+    """`moment` rounded down to KISSE_LAST_SEEN_PRECISION: what is stored is all anyone can learn."""
+    precision = rt.settings.last_seen_precision
+    return datetime.fromtimestamp(moment.timestamp() // precision * precision, timezone.utc) if precision > 1 \
+        else moment
+
+
 def shown(record: dict[str, Any] | None, user_id: str, present: bool) -> dict[str, Any]:
     """The presence others see for `user_id`, given its stored record (None: never set)
-    and whether they are present on some process."""
+    and whether they are present on some process; no last_seen for a user who hides it."""
     chosen = record["status"] if record else "online"
-    last_seen = record["last_seen"] if record else None
+    last_seen = record["last_seen"] if record and record.get("show_last_seen", True) else None
     return presence_view(user_id, chosen if present else "offline", last_seen)
 
 
@@ -120,14 +128,15 @@ async def publish(rt: Runtime, user_id: str, view: dict[str, Any]) -> None:
     rt.bus.send([user_id, *contacts], "presence", view)
 
 
-async def set_status(rt: Runtime, user_id: str, status: str) -> dict[str, Any]:
-    """Store the chosen status; contacts hear the change if it shows."""
+async def set_status(rt: Runtime, user_id: str, status: str | None,
+                     show_last_seen: bool | None = None) -> dict[str, Any]:
+    """Store the chosen status and/or whether others see last_seen; contacts hear a change that shows."""
     before = await effective(rt, user_id)
-    record = await rt.storage.set_presence(user_id, status=status)
+    record = await rt.storage.set_presence(user_id, status=status, show_last_seen=show_last_seen)
     view = await effective(rt, user_id, record)
-    if view["status"] != before["status"]:
+    if view != before:
         await publish(rt, user_id, view)
-    return {**view, "chosen_status": status}
+    return {**view, "chosen_status": record["status"], "show_last_seen": record["show_last_seen"]}
 
 
 async def get_for(rt: Runtime, viewer_id: str, user_id: str) -> dict[str, Any]:

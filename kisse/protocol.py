@@ -17,6 +17,7 @@ from kisse.validation import MAX_PROPERTIES, Schema, obj, parse_json, validate
 # WebSocket close codes (1xxx from RFC 6455, 4xxx ours; listed in asyncapi.yaml).
 CLOSE_GOING_AWAY = 1001          # server shutting down
 CLOSE_INVALID_TEXT = 1007        # a text frame that is not UTF-8
+CLOSE_POLICY = 1008              # past twice KISSE_WS_FRAME_RATE: a client that ignores rate_limited
 CLOSE_TOO_BIG = 1009             # frame over KISSE_MAX_WS_FRAME (Tornado sends it)
 CLOSE_REVOKED = 4003             # the device's session was revoked (logout, removed, password change...)
 CLOSE_PING_TIMEOUT = 4002        # the peer answered no ping for two intervals of reading

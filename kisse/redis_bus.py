@@ -220,12 +220,13 @@ class RedisBus(Bus):
                     published += 1
                     continue
                 by_node: dict[str, list[str]] = {}
-                for user_id in (event.users[:1] if event.conn else event.users):
+                for user_id in (event.users[:1] if event.conn or event.session else event.users):
                     for node in nodes.get(user_id, ()):
                         if node != self.node:
                             by_node.setdefault(node, []).append(user_id)
                 for node, recipients in by_node.items():
-                    part = Event(event.type, event.data, tuple(recipients), event.conn, event.exclude_conn)
+                    part = Event(event.type, event.data, tuple(recipients), event.conn, event.exclude_conn,
+                                 session=event.session)
                     pipe.publish(_channel(node), orjson.dumps({"from": self.node, "event": part.to_json()}))
                     published += 1
             if published:

@@ -13,6 +13,8 @@ from storage.base import Storage
 if TYPE_CHECKING:
     from kisse.calls import CallTimers
     from kisse.contacts import Blocks
+    from kisse.forgetting import Forgetting
+    from kisse.limits import Limits
     from kisse.members import Members
     from kisse.metrics import Metrics
     from kisse.presence import PresenceTracker
@@ -39,6 +41,8 @@ class Runtime:
     typing: "TypingTracker" = field(init=False)
     members: "Members" = field(init=False)
     blocks: "Blocks" = field(init=False)
+    limits: "Limits" = field(init=False)
+    forgetting: "Forgetting" = field(init=False)
     # REST requests being served now; shutdown waits for them.
     inflight: int = 0
     # Messages whose content is being uploaded to this process right now.

@@ -38,7 +38,10 @@ ROLES = ("admin", "member")
 CONVERSATION_FILTERS = ("accepted", "requests", "all")
 ADD_MEMBERS = obj({"user_ids": {"type": "array", "items": ID, "minItems": 1, "maxItems": MAX_ADDED}}, ("user_ids",))
 SET_ROLE = obj({"role": {"enum": list(ROLES)}}, ("role",))
-UPDATE_CONVERSATION = obj({"title": CREATE_CONVERSATION["properties"]["title"]})
+# Disappearing messages: KISSE_MIN_MESSAGE_TTL (5 s) to a year, or null (off).
+MESSAGE_TTL_MAX = 365 * 86400
+UPDATE_CONVERSATION = obj({"title": CREATE_CONVERSATION["properties"]["title"],
+                           "message_ttl": {"type": ["integer", "null"], "minimum": 1, "maximum": MESSAGE_TTL_MAX}})
 SEND_MESSAGE = obj({"conversation_id": ID, "client_message_id": CLIENT_MESSAGE_ID,
                     "ciphertext": {"type": ["string", "null"]}},
                    ("conversation_id", "client_message_id"))
@@ -47,8 +50,38 @@ CONVERSATION_REF = obj({"conversation_id": ID}, ("conversation_id",))
 SYNC = obj({"cursors": {"type": "object", "additionalProperties": SEQ, "maxProperties": 10_000}})
 
 # -- presence and calls ----------------------------------------------------------------
-SET_PRESENCE = obj({"status": {"enum": list(PRESENCE_STATUSES)}}, ("status",))
+SET_PRESENCE = {**obj({"status": {"enum": list(PRESENCE_STATUSES)}, "show_last_seen": {"type": "boolean"}}),
+                "anyOf": [{"required": ["status"]}, {"required": ["show_last_seen"]}]}  # one of them, at least
 START_CALL = obj({"callee_id": ID, "media": {"enum": list(MEDIA)}}, ("callee_id", "media"))
 CALL_REF = obj({"call_id": ID}, ("call_id",))
 SIGNAL = obj({"call_id": ID, "payload": {}}, ("call_id", "payload"))
 HANGUP = obj({"call_id": ID, "payload": {}}, ("call_id",))
+
+# -- the key directory (kisse/keys.py checks the bytes and the signatures) ------------
+MAX_PREKEYS_PER_REQUEST = 100  # of each kind
+
+
+def _base64(size: int) -> Schema:
+    """Standard base64 of exactly `size` bytes."""
+    length = 4 * -(-size // 3)
+    return {"type": "string", "minLength": length, "maxLength": length, "pattern": "^[A-Za-z0-9+/]*={0,2}$"}
+
+
+KEY_ID: Schema = {"type": "integer", "minimum": 0, "maximum": 2**32 - 1}  # libsignal's u32 ids
+CURVE_PUBLIC_KEY = _base64(33)
+KYBER_PUBLIC_KEY = _base64(1569)
+KEY_SIGNATURE = _base64(64)
+SIGNED_PREKEY = obj({"key_id": KEY_ID, "public_key": CURVE_PUBLIC_KEY, "signature": KEY_SIGNATURE},
+                    ("key_id", "public_key", "signature"))
+PQ_PREKEY = obj({"key_id": KEY_ID, "public_key": KYBER_PUBLIC_KEY, "signature": KEY_SIGNATURE},
+                ("key_id", "public_key", "signature"))
+ONE_TIME_PREKEY = obj({"key_id": KEY_ID, "public_key": CURVE_PUBLIC_KEY}, ("key_id", "public_key"))
+ONE_TIME_PREKEYS = {
+    "one_time_prekeys": {"type": ["array", "null"], "items": ONE_TIME_PREKEY, "maxItems": MAX_PREKEYS_PER_REQUEST},
+    "pq_one_time_prekeys": {"type": ["array", "null"], "items": PQ_PREKEY, "maxItems": MAX_PREKEYS_PER_REQUEST},
+}
+UPLOAD_KEYS = obj({"registration_id": {"type": "integer", "minimum": 1, "maximum": 0x3FFF},
+                   "identity_key": CURVE_PUBLIC_KEY, "signed_prekey": SIGNED_PREKEY,
+                   "pq_last_resort_prekey": PQ_PREKEY, **ONE_TIME_PREKEYS},
+                  ("registration_id", "identity_key", "signed_prekey", "pq_last_resort_prekey"))
+ADD_PREKEYS = obj(ONE_TIME_PREKEYS)

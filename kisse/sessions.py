@@ -20,7 +20,7 @@ from typing import Any
 
 import jwt
 
-from kisse import protocol
+from kisse import keys, protocol
 from kisse.errors import Conflict, NotFound, Unauthorized
 from kisse.runtime import Runtime
 from kisse.views import device_view, iso, user_view
@@ -107,10 +107,14 @@ async def authenticate(rt: Runtime, token: str | None) -> Identity:
 
 
 async def refresh(rt: Runtime, refresh_token: str) -> dict[str, Any]:
-    """Spend a refresh token for new tokens."""
+    """Spend a refresh token for new tokens (at most KISSE_LIMIT_REFRESH times per device)."""
+    presented = _hash(refresh_token)
+    current = await rt.storage.session_of_refresh(presented)
+    if current is not None:  # refused before anything is spent: the token stays good
+        await rt.limits.hit("refresh", current["session_id"])
     token, token_hash, expires = _new_refresh(rt)
     now = utcnow()
-    state, device = await rt.storage.rotate_refresh(_hash(refresh_token), token_hash, expires, now)
+    state, device = await rt.storage.rotate_refresh(presented, token_hash, expires, now)
     if state == "rotated":
         assert device is not None
         user = await rt.storage.get_user(device["user_id"])
@@ -142,10 +146,12 @@ async def renew(rt: Runtime, identity: Identity) -> dict[str, Any]:
 
 async def revoke(rt: Runtime, user_id: str, device_id: int | None = None,
                  keep_session: str | None = None) -> list[Record]:
-    """Sign devices out: their tokens stop working now, their WebSockets close with 4003."""
+    """Sign devices out: their tokens stop working now, their WebSockets close with 4003,
+    and they leave the key directory (`device.removed` to contacts)."""
     gone = await rt.storage.revoke_devices(user_id, device_id=device_id, keep_session=keep_session)
     if gone:
         rt.bus.revoke_sessions(user_id, {d["session_id"] for d in gone}, protocol.CLOSE_REVOKED, "device signed out")
+        await keys.device_removed(rt, user_id, [d["device_id"] for d in gone])
     return gone
 
 

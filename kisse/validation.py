@@ -77,10 +77,14 @@ def _explain(error: fastjsonschema.JsonSchemaValueException, document: Any, wher
     if error.rule == "required":
         node = document
         for step in (error.path or [])[1:]:
-            node = node[step]
+            node = node[int(step)] if isinstance(node, list) else node[step]  # fastjsonschema says "0"
         missing = [name for name in error.rule_definition if name not in node]
         names = sorted(".".join([*path, name]) for name in missing)
         return BadRequest(f"missing fields: {', '.join(names)}", code="missing_fields", details={"fields": names})
+    if error.rule == "anyOf" and all(set(alt) == {"required"} for alt in error.rule_definition):
+        names = sorted(".".join([*path, n]) for alt in error.rule_definition for n in alt["required"])
+        return BadRequest(f"give at least one of: {', '.join(names)}", code="missing_fields",
+                          details={"fields": names})
     # fastjsonschema says "<name> must ...", with its own name for the document.
     rule = error.message[len(error.name):].strip() if error.name and error.message.startswith(error.name) \
         else error.message

@@ -57,6 +57,7 @@ def message_view(message: Record) -> dict[str, Any]:
             "sender_id": message["sender_id"], "seq": message["seq"],
             "client_message_id": message["client_message_id"],
             "created_at": iso(message["created_at"]),
+            "expires_at": iso(message.get("expires_at")),
             "content": dict(message["content"]) if message["content"] else None,
             "ciphertext": base64.b64encode(ciphertext).decode() if ciphertext is not None else None,
             "tombstone": message.get("tombstone")}
@@ -66,7 +67,7 @@ def blocked_view(message: Record) -> dict[str, Any]:
     """A message from someone the viewer blocked: its seq, nothing of it."""
     return {"id": message["id"], "conversation_id": message["conversation_id"], "sender_id": None,
             "seq": message["seq"], "client_message_id": None, "created_at": iso(message["created_at"]),
-            "content": None, "ciphertext": None, "tombstone": "blocked"}
+            "expires_at": iso(message.get("expires_at")), "content": None, "ciphertext": None, "tombstone": "blocked"}
 
 
 def call_view(call: Record) -> dict[str, Any]:

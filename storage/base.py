@@ -51,6 +51,16 @@ class StorageUnavailable(StorageError):
     """The backend cannot be reached right now; retry later (HTTP 503)."""
 
 
+class PrekeyIdTaken(StorageError):
+    """A one-time prekey id the device's pool holds already, with another key; nothing was added.
+    `args[0]` is the pool's kind."""
+
+
+class TooManyPrekeys(StorageError):
+    """Adding these one-time prekeys would take a pool past its cap; nothing was added.
+    `args[0]` is the pool's kind."""
+
+
 def new_id() -> str:
     """A fresh opaque id: 24 hex characters, like a MongoDB ObjectId."""
     return secrets.token_hex(12)
@@ -154,6 +164,10 @@ class Storage(ABC):
         """The live device whose session this is, or None (revoked, or never was)."""
 
     @abstractmethod
+    async def session_of_refresh(self, refresh_hash: str) -> Record | None:
+        """The live device whose current refresh token this is, or None."""
+
+    @abstractmethod
     async def touch_device(self, session_id: str, at: datetime) -> None:
         """Set `last_seen_at`."""
 
@@ -175,10 +189,43 @@ class Storage(ABC):
     async def revoke_devices(self, user_id: str, device_id: int | None = None,
                              keep_session: str | None = None) -> list[Record]:
         """Delete one device of the user (`device_id`), or all of them but the one
-        with session `keep_session`; return those deleted."""
+        with session `keep_session`, with their keys; return those deleted."""
+
+    # -- the key directory (Signal protocol: public keys only) --------------------
+    # Per device session: a bundle `{registration_id, identity_key, signed_prekey,
+    # pq_last_resort_prekey}` (keys are bytes; a prekey is `{key_id, public_key,
+    # signature}`) and two pools of one-time prekeys, `"ec"` (`{key_id, public_key}`)
+    # and `"pq"` (`{key_id, public_key, signature}`). A revoked device's keys go with it.
+    @abstractmethod
+    async def set_key_bundle(self, session_id: str, bundle: Record) -> tuple[bool, bytes | None]:
+        """Set the device's bundle: `(device is live, identity key it had before)`. A new
+        identity key empties the device's pools: their private halves left with the old one."""
+
+    @abstractmethod
+    async def key_bundles(self, user_id: str) -> list[Record]:
+        """The bundles of the user's live devices (refresh token not expired) that
+        uploaded one, by device id, each with its `device_id` and `session_id`."""
+
+    @abstractmethod
+    async def add_prekeys(self, session_id: str, pools: dict[str, list[Record]], max_keys: int) -> bool:
+        """Add one-time prekeys to the device's pools (`{"ec": [...], "pq": [...]}`, distinct
+        key ids in each), all or none: a key a pool holds already, identical, is kept
+        once (a retried upload); another key under a held id raises `PrekeyIdTaken`
+        naming the kind; a pool past `max_keys` raises `TooManyPrekeys` naming it.
+        False (and nothing kept) when the device is gone."""
+
+    @abstractmethod
+    async def count_prekeys(self, session_id: str) -> dict[str, int] | None:
+        """`{"ec": n, "pq": n}` one-time prekeys left, or None for a device with no bundle."""
+
+    @abstractmethod
+    async def take_prekey(self, session_id: str, kind: str) -> Record | None:
+        """Remove one key of the pool and return it (lowest key id first): of any number
+        of racing takes, each key goes to one, once, ever. None when the pool is empty."""
 
     # -- conversations -------------------------------------------------------
-    # A conversation's members are `participant_ids` (in the order they joined);
+    # `pending_seqs` are seqs handed out to sends not numbered yet (a hole for a moment,
+    # never an expired message). A conversation's members are `participant_ids` (in the order they joined);
     # `requests` are the members who have not accepted it yet; `admins` run a
     # group; `former` is `[{user_id, up_to_seq, title, left_at}]`: who left (or
     # was removed, or declined), the last seq they may still read, and the
@@ -234,6 +281,11 @@ class Storage(ABC):
     async def set_title(self, conversation_id: str, title: str | None) -> Record | None: ...
 
     @abstractmethod
+    async def set_message_ttl(self, conversation_id: str, ttl: int | None) -> Record | None:
+        """Set `message_ttl` (seconds; None: off): messages added from now on expire that long
+        after they are created. None if there is no such conversation."""
+
+    @abstractmethod
     async def contact_ids(self, user_id: str) -> set[str]:
         """The user's contacts: everyone who shares a conversation with them that
         both have accepted, unless either blocked the other (kisse/contacts.py)."""
@@ -254,17 +306,27 @@ class Storage(ABC):
     async def blockers_of(self, user_id: str) -> set[str]:
         """Who has blocked this user."""
 
+    @abstractmethod
+    async def shares_conversation(self, user_id: str, other_id: str, accepted_by: str | None = None) -> bool:
+        """Whether both users are members of one conversation (that `accepted_by`, one of
+        them, has accepted, when given)."""
+
     # -- messages ------------------------------------------------------------
     @abstractmethod
     async def add_message(self, conversation_id: str, sender_id: str, client_message_id: str,
-                          ciphertext: bytes | None, content: Record | None) -> tuple[Record, bool]:
+                          ciphertext: bytes | None, content: Record | None,
+                          ttl: int | None = None) -> tuple[Record, bool]:
         """Append a message with the next `seq` of its conversation, or return the
         sender's existing message with that `client_message_id`: `(message, created)`.
 
         A message is `{id, conversation_id, sender_id, seq, client_message_id,
-        created_at, content: {size, sha256, inline} | None, ciphertext: bytes | None,
-        blob_id: str | None, tombstone: None}`. Creating one also updates the conversation's
+        created_at, expires_at, content: {size, sha256, inline} | None, ciphertext: bytes | None,
+        blob_id: str | None, tombstone: None}`; `expires_at` is `created_at` + `ttl` seconds
+        (None without a ttl). Creating one also updates the conversation's
         `last_seq`, `last_message` and `last_activity_at`.
+
+        An expired message is gone for every read (get, list, count) at once, and
+        from storage at the next `forget_messages`.
 
         `created` is True for exactly one call per message, the one that made it
         visible (and so should publish it). A retry after a failed attempt
@@ -311,6 +373,23 @@ class Storage(ABC):
         """Messages (not tombstones) with seq > `after_seq` sent by someone other than
         `user_id` and not by anyone in `ignoring` (whom they blocked)."""
 
+    @abstractmethod
+    async def forget_messages(self, now: datetime, created_before: datetime | None = None,
+                              limit: int = 1000) -> int:
+        """Delete up to `limit` messages that expired by `now` (and, with `created_before`,
+        those created before it: retention) with their ciphertext and blobs; a
+        conversation whose last message went points `last_message` at the newest one
+        left (or None). Return how many went: call again while it returns `limit`."""
+
+    @abstractmethod
+    async def forget_calls(self, ended_before: datetime) -> int:
+        """Delete the calls that ended before this (call history retention); how many went."""
+
+    @abstractmethod
+    async def take_lease(self, name: str, owner: str, seconds: float) -> bool:
+        """Hold the named lease for `seconds` (renewing it if `owner` holds it); False
+        while another owner holds it. One sweeper in a cluster, not one per node."""
+
     # -- receipts ------------------------------------------------------------
     @abstractmethod
     async def advance_receipt(self, conversation_id: str, user_id: str, kind: ReceiptKind,
@@ -338,13 +417,14 @@ class Storage(ABC):
     # -- presence ------------------------------------------------------------
     @abstractmethod
     async def get_presences(self, user_ids: list[str]) -> dict[str, Record]:
-        """`{user_id, status, last_seen}` as last stored, by user id, for those that have one."""
+        """`{user_id, status, last_seen, show_last_seen}` as last stored, by user id, for those
+        that have one."""
 
     @abstractmethod
     async def set_presence(self, user_id: str, *, status: str | None = None,
-                           last_seen: datetime | None = None) -> Record:
-        """Update the chosen status and/or last_seen; return the stored record.
-        A new record starts with status "online" and last_seen None."""
+                           last_seen: datetime | None = None, show_last_seen: bool | None = None) -> Record:
+        """Update the chosen status, last_seen and/or show_last_seen; return the stored
+        record. A new record starts with status "online", last_seen None, show_last_seen True."""
 
     # -- calls ---------------------------------------------------------------
     @abstractmethod

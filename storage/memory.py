@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import heapq
 from collections.abc import AsyncIterator, Iterable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from storage import faults
 from storage.base import (
-    FINAL_CALL_STATUSES, LIVE_CALL_STATUSES, MAX_DEVICE_ID, BlobNotFound, BlobTooLarge, BlobWriter, Record,
-    ReceiptKind, Storage, TooManyDevices, UsernameTaken, new_id, utcnow,
+    FINAL_CALL_STATUSES, LIVE_CALL_STATUSES, MAX_DEVICE_ID, BlobNotFound, BlobTooLarge, BlobWriter, PrekeyIdTaken,
+    Record, ReceiptKind, Storage, TooManyDevices, TooManyPrekeys, UsernameTaken, new_id, utcnow,
 )
 
 # Blobs are kept as a list of chunks of this size, like GridFS, so a range
@@ -106,6 +107,11 @@ class MemoryStorage(Storage):
         self._devices: dict[str, dict[int, Record]] = {}  # user id -> device id -> device (with its session)
         self._sessions: dict[str, Record] = {}           # session id -> device
         self._by_refresh: dict[str, Record] = {}         # live refresh hash -> device
+        self._prekeys: dict[str, dict[str, dict[int, Record]]] = {}  # session id -> kind -> key id -> key
+        # The same pools' key ids as heaps, so a claim takes the lowest in O(log n).
+        self._prekey_ids: dict[str, dict[str, list[int]]] = {}
+        self._expiring: list[tuple[datetime, str]] = []  # a heap of (expires_at, message id)
+        self._leases: dict[str, tuple[str, datetime]] = {}  # name -> (owner, until)
         self.stats: dict[str, int] = {"blob_writes": 0, "largest_blob_write": 0}
 
     # -- lifecycle -----------------------------------------------------------
@@ -187,6 +193,10 @@ class MemoryStorage(Storage):
         device = self._sessions.get(session_id)
         return _public_device(device) if device else None
 
+    async def session_of_refresh(self, refresh_hash: str) -> Record | None:
+        device = self._by_refresh.get(refresh_hash)
+        return _public_device(device) if device else None
+
     async def touch_device(self, session_id: str, at: datetime) -> None:
         device = self._sessions.get(session_id)
         if device is not None:
@@ -226,7 +236,64 @@ class MemoryStorage(Storage):
             del live[device["device_id"]]
             del self._sessions[device["session_id"]]
             self._by_refresh.pop(device["refresh_hash"], None)
+            self._prekeys.pop(device["session_id"], None)
+            self._prekey_ids.pop(device["session_id"], None)
         return [_public_device(d) for d in gone]
+
+    # -- the key directory ------------------------------------------------------------
+    async def set_key_bundle(self, session_id: str, bundle: Record) -> tuple[bool, bytes | None]:
+        device = self._sessions.get(session_id)
+        if device is None:
+            return False, None
+        before = device.get("keys")
+        previous = before["identity_key"] if before else None
+        if previous is not None and previous != bundle["identity_key"]:
+            self._prekeys.pop(session_id, None)
+            self._prekey_ids.pop(session_id, None)
+        device["keys"] = _copy(bundle)
+        return True, previous
+
+    async def key_bundles(self, user_id: str) -> list[Record]:
+        now = utcnow()
+        return [{**_copy(d["keys"]), "device_id": d["device_id"], "session_id": d["session_id"]}
+                for _, d in sorted(self._devices.get(user_id, {}).items())
+                if d.get("keys") and d["refresh_expires_at"] > now]
+
+    async def add_prekeys(self, session_id: str, pools: dict[str, list[Record]], max_keys: int) -> bool:
+        if session_id not in self._sessions:
+            return False
+        held = self._prekeys.setdefault(session_id, {"ec": {}, "pq": {}})
+        new: dict[str, list[Record]] = {}
+        for kind, keys in pools.items():  # every check first: all or none
+            pool = held[kind]
+            new[kind] = []
+            for key in keys:
+                kept = pool.get(key["key_id"])
+                if kept is None:
+                    new[kind].append(key)
+                elif kept != key:
+                    raise PrekeyIdTaken(kind)
+            if len(pool) + len(new[kind]) > max_keys:
+                raise TooManyPrekeys(kind)
+        ids = self._prekey_ids.setdefault(session_id, {"ec": [], "pq": []})
+        for kind, keys in new.items():
+            for key in keys:
+                held[kind][key["key_id"]] = dict(key)
+                heapq.heappush(ids[kind], key["key_id"])
+        return True
+
+    async def count_prekeys(self, session_id: str) -> dict[str, int] | None:
+        device = self._sessions.get(session_id)
+        if device is None or not device.get("keys"):
+            return None
+        pools = self._prekeys.get(session_id, {})
+        return {kind: len(pools.get(kind, ())) for kind in ("ec", "pq")}
+
+    async def take_prekey(self, session_id: str, kind: str) -> Record | None:
+        pool = self._prekeys.get(session_id, {}).get(kind)
+        if not pool:
+            return None
+        return pool.pop(heapq.heappop(self._prekey_ids[session_id][kind]))
 
     async def search_users(self, prefix: str, limit: int, after: str | None = None) -> list[Record]:
         start = bisect.bisect_left(self._sorted_names, prefix)
@@ -247,7 +314,8 @@ class MemoryStorage(Storage):
                         "requests": [m for m in participant_ids if m != creator_id],
                         "admins": [creator_id] if kind == "group" else [], "former": [],
                         "title": title, "created_by": creator_id, "created_at": now,
-                        "last_activity_at": now, "last_seq": 0, "last_message": None}
+                        "last_activity_at": now, "last_seq": 0, "last_message": None, "message_ttl": None,
+                        "pending_seqs": []}  # a send here is one step: never a seq without its message
         self._conversations[conversation["id"]] = conversation
         self._by_conversation[conversation["id"]] = []
         for user_id in participant_ids:
@@ -348,6 +416,13 @@ class MemoryStorage(Storage):
         conversation["title"] = title
         return _copy(conversation)
 
+    async def set_message_ttl(self, conversation_id: str, ttl: int | None) -> Record | None:
+        conversation = self._conversations.get(conversation_id)
+        if conversation is None:
+            return None
+        conversation["message_ttl"] = ttl
+        return _copy(conversation)
+
     async def contact_ids(self, user_id: str) -> set[str]:
         contacts: set[str] = set()
         for conversation_id in self._member_of.get(user_id, ()):
@@ -356,6 +431,12 @@ class MemoryStorage(Storage):
                 contacts.update(m for m in conversation["participant_ids"] if m not in conversation["requests"])
         contacts.discard(user_id)
         return contacts - self._blocks.get(user_id, {}).keys() - self._blockers.get(user_id, set())
+
+    async def shares_conversation(self, user_id: str, other_id: str, accepted_by: str | None = None) -> bool:
+        for conversation_id in self._member_of.get(user_id, set()) & self._member_of.get(other_id, set()):
+            if accepted_by is None or accepted_by not in self._conversations[conversation_id]["requests"]:
+                return True
+        return False
 
     # -- blocks ----------------------------------------------------------------
     async def block_user(self, blocker_id: str, blocked_id: str) -> None:
@@ -375,18 +456,23 @@ class MemoryStorage(Storage):
 
     # -- messages ------------------------------------------------------------
     async def add_message(self, conversation_id: str, sender_id: str, client_message_id: str,
-                          ciphertext: bytes | None, content: Record | None) -> tuple[Record, bool]:
+                          ciphertext: bytes | None, content: Record | None,
+                          ttl: int | None = None) -> tuple[Record, bool]:
         existing = self._by_client_id.get((sender_id, client_message_id))
         if existing is not None:
             return _copy(self._messages[existing]), False
         conversation = self._conversations[conversation_id]
         seq = conversation["last_seq"] + 1
+        now = utcnow()
         message = {"id": new_id(), "conversation_id": conversation_id, "sender_id": sender_id,
-                   "seq": seq, "client_message_id": client_message_id, "created_at": utcnow(),
+                   "seq": seq, "client_message_id": client_message_id, "created_at": now,
+                   "expires_at": now + timedelta(seconds=ttl) if ttl else None,
                    "content": dict(content) if content else None, "ciphertext": ciphertext,
                    "blob_id": None, "tombstone": None}
         self._messages[message["id"]] = message
         self._by_conversation[conversation_id].append(message)
+        if message["expires_at"] is not None:
+            heapq.heappush(self._expiring, (message["expires_at"], message["id"]))
         self._by_client_id[(sender_id, client_message_id)] = message["id"]
         conversation.update(last_seq=seq, last_activity_at=message["created_at"],
                             last_message=_metadata(message))
@@ -395,25 +481,31 @@ class MemoryStorage(Storage):
 
     async def senders_between(self, conversation_id: str, after_seq: int, up_to_seq: int) -> set[str]:
         log = self._by_conversation.get(conversation_id, [])
-        return {m["sender_id"] for m in log[max(after_seq, 0):max(up_to_seq, 0)] if m["sender_id"]}
+        return {m["sender_id"] for m in log[max(after_seq, 0):max(up_to_seq, 0)] if m and m["sender_id"]}
 
     async def get_message(self, message_id: str) -> Record | None:
         message = self._messages.get(message_id)
-        return _copy(message) if message else None
+        return _copy(message) if message and _live(message, utcnow()) else None
 
     async def list_messages(self, conversation_id: str, *, before: int | None = None,
                             after: int | None = None, limit: int = 50) -> tuple[list[Record], bool]:
         log = self._by_conversation.get(conversation_id, [])
+        now = utcnow()
         if after is not None:
-            start = max(after, 0)
-            page = log[start:start + limit]
-            more = start + limit < len(log)
+            indexes = range(max(after, 0), len(log))
         else:
             stop = len(log) if before is None else min(max(before - 1, 0), len(log))
-            start = max(stop - limit, 0)
-            page = log[start:stop]
-            more = start > 0
-        return [_copy(m) for m in page], more
+            indexes = range(stop - 1, -1, -1)
+        page: list[Record] = []
+        for index in indexes:  # expired and forgotten ones are holes: skip them, fill the page
+            message = log[index]
+            if _live(message, now):
+                if len(page) == limit:
+                    break
+                page.append(_copy(message))
+        else:
+            return (page if after is not None else page[::-1]), False
+        return (page if after is not None else page[::-1]), True
 
     async def attach_content(self, message_id: str, blob_id: str, size: int, sha256: str) -> Record:
         message = self._messages[message_id]
@@ -427,8 +519,53 @@ class MemoryStorage(Storage):
     async def count_unread(self, conversation_id: str, user_id: str, after_seq: int,
                            ignoring: Iterable[str] = ()) -> int:
         log = self._by_conversation.get(conversation_id, [])
-        skip = {user_id, *ignoring}
-        return sum(1 for m in log[max(after_seq, 0):] if m["sender_id"] not in skip and not m.get("tombstone"))
+        skip, now = {user_id, *ignoring}, utcnow()
+        return sum(1 for m in log[max(after_seq, 0):]
+                   if _live(m, now) and m["sender_id"] not in skip and not m.get("tombstone"))
+
+    async def forget_messages(self, now: datetime, created_before: datetime | None = None,
+                              limit: int = 1000) -> int:
+        gone: dict[str, Record] = {}
+        while self._expiring and self._expiring[0][0] <= now and len(gone) < limit:
+            message = self._messages.get(heapq.heappop(self._expiring)[1])
+            if message is not None:
+                gone[message["id"]] = message
+        if created_before is not None:
+            for log in self._by_conversation.values():
+                for message in log:  # in seq order, so in time order: stop at the first newer one
+                    if len(gone) >= limit or (message is not None and message["created_at"] >= created_before):
+                        break
+                    if message is not None:
+                        gone[message["id"]] = message
+        touched = set()
+        for message in gone.values():
+            del self._messages[message["id"]]
+            self._by_client_id.pop((message["sender_id"], message["client_message_id"]), None)
+            self._by_conversation[message["conversation_id"]][message["seq"] - 1] = None
+            if message["blob_id"]:
+                self._blobs.pop(message["blob_id"], None)
+            touched.add(message["conversation_id"])
+        for conversation_id in touched:
+            conversation = self._conversations[conversation_id]
+            last = conversation["last_message"]
+            if last is not None and last["id"] not in self._messages:
+                newest = next((m for m in reversed(self._by_conversation[conversation_id]) if m), None)
+                conversation["last_message"] = _metadata(newest) if newest else None
+        return len(gone)
+
+    async def forget_calls(self, ended_before: datetime) -> int:
+        gone = [i for i, c in self._calls.items() if c["ended_at"] is not None and c["ended_at"] < ended_before]
+        for call_id in gone:
+            del self._calls[call_id]
+        return len(gone)
+
+    async def take_lease(self, name: str, owner: str, seconds: float) -> bool:
+        now = utcnow()
+        holder, until = self._leases.get(name, (owner, now))
+        if holder != owner and until > now:
+            return False
+        self._leases[name] = (owner, now + timedelta(seconds=seconds))
+        return True
 
     # -- receipts ------------------------------------------------------------
     async def advance_receipt(self, conversation_id: str, user_id: str, kind: ReceiptKind,
@@ -469,12 +606,15 @@ class MemoryStorage(Storage):
         return {u: dict(self._presence[u]) for u in user_ids if u in self._presence}
 
     async def set_presence(self, user_id: str, *, status: str | None = None,
-                           last_seen: datetime | None = None) -> Record:
-        record = self._presence.setdefault(user_id, {"user_id": user_id, "status": "online", "last_seen": None})
+                           last_seen: datetime | None = None, show_last_seen: bool | None = None) -> Record:
+        record = self._presence.setdefault(user_id, {"user_id": user_id, "status": "online", "last_seen": None,
+                                                     "show_last_seen": True})
         if status is not None:
             record["status"] = status
         if last_seen is not None:
             record["last_seen"] = last_seen
+        if show_last_seen is not None:
+            record["show_last_seen"] = show_last_seen
         return dict(record)
 
     # -- calls ---------------------------------------------------------------
@@ -521,6 +661,11 @@ class MemoryStorage(Storage):
     async def due_pending_calls(self, now: datetime) -> list[Record]:
         return [dict(c) for c in self._calls.values()
                 if c["status"] == "pending" and c["ring_deadline"] <= now]
+
+
+def _live(message: Record | None, now: datetime) -> bool:
+    """Not forgotten (a hole) and not expired."""
+    return message is not None and (message["expires_at"] is None or message["expires_at"] > now)
 
 
 def _metadata(message: Record) -> Record:

@@ -25,6 +25,9 @@ TEST_SETTINGS = Settings(
     send_repair_after=0.5,
     turn_secret="turn-shared-secret",
     turn_uris=("turn:turn.example.org:3478?transport=udp",),
+    rate_limits="off",  # tests of the limits turn them on (tests/test_limits.py)
+    min_message_ttl=1,
+    forget_sweep_interval=0.2,
 )
 
 

@@ -30,7 +30,7 @@ class KisseProcess:
                  stderr: int | None = subprocess.DEVNULL) -> None:
         self.port = port or free_port()
         self.env = {**os.environ, "KISSE_PORT": str(self.port), "KISSE_HOST": "127.0.0.1",
-                    "KISSE_BCRYPT_ROUNDS": "4", **(env or {})}
+                    "KISSE_BCRYPT_ROUNDS": "4", "KISSE_RATE_LIMITS": "off", **(env or {})}
         self.stderr = stderr
         self.process: subprocess.Popen[str] | None = None
 

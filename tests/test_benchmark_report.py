@@ -37,6 +37,17 @@ SUCCESS: dict[str, Any] = {
                 "random_page": {"requests": 3000, "latency": _latency(0.529, 0.648), "statuses": {"200": 3000}}},
     "rest": {"kisse": {"target": "kisse", "req_per_s": 3135.6, "latency": _latency(15.784, 18.586)},
              "bare": {"target": "bare", "req_per_s": 6840.9, "latency": _latency(7.3, 8.26)}},
+    "keys": {"kisse": {"target": "kisse", "prekeys": 10000, "concurrency": 50,
+                       "upload": {"requests": 100, "keys": 20000, "seconds": 1.339, "keys_per_s": 14940.2},
+                       "requests": 10500, "req_per_s": 1782.9, "latency": _latency(28.69, 51.78), "errors": [],
+                       "error_count": 0, "claims": 10500, "one_device_each": True,
+                       "ec": {"count": 10000, "twice": 0, "exactly_the_uploaded": True, "wrong_public_key": 0},
+                       "pq": {"count": 10000, "twice": 0, "exactly_the_uploaded": True, "wrong_public_key": 0},
+                       "empty_pool_claims": 500, "extra_claims": 500, "empty_pool_got_last_resort": True,
+                       "handed_out_twice": 0, "claims_per_s_by_tenth": [1365.7, 1312.8, 1533.2, 1446.6, 1312.3,
+                                                                        1694.2, 2459.4, 2590.3, 2954.7, 3472.3]},
+             "bare": {"target": "bare", "requests": 10500, "req_per_s": 6111.0, "latency": _latency(7.66, 14.99),
+                      "errors": [], "error_count": 0}},
 }
 
 
@@ -300,3 +311,66 @@ def test_a_crashed_or_partial_cluster_result_never_breaks_the_table() -> None:
     rows = _cluster_rows({"two_nodes": {"phases": {"same": _cluster_phase(49.0, 690.0, 1030.0, 300, 580, 0)}}})
     assert rows["cluster 20 pairs: 2 nodes vs 1 node, msgs/s"]["met"] is None
     assert rows["cluster: undelivered bus events + messages no receipt reached"]["kisse"] == 0
+
+
+def _keys_rows(**changes: Any) -> dict[str, dict[str, Any]]:
+    """The keys scenario's rows by metric, with `kind__field=value` changes to the Kisse result."""
+    result = copy.deepcopy(SUCCESS["keys"])
+    for path, value in changes.items():
+        parent = result["kisse"]
+        *keys, last = path.split("__")
+        for key in keys:
+            parent = parent[key]
+        parent[last] = value
+    return {r["metric"]: r for r in build_table({"keys": result})}
+
+
+def test_keys_rows_judge_duplicates_and_every_key_handed_out() -> None:
+    rows = _keys_rows()
+    claims = rows["keys @50 claimers: claims/s"]
+    assert (claims["kisse"], claims["baseline"], claims["ratio"], claims["met"]) == (1782.9, 6111.0, 0.29, None)
+    p99 = rows["keys @50 claimers: claim latency p99"]
+    assert (p99["kisse"], p99["baseline"], p99["baseline_is"]) == (51.78, 14.99, "bare JSON GET")
+    drain = rows["keys @50 claimers: claims/s, first tenth of the claims (pools full)"]
+    assert (drain["kisse"], drain["baseline"], drain["ratio"]) == (1365.7, 3472.3, 0.39)
+    upload = rows["keys: upload of 10,000 EC + 10,000 PQ one-time prekeys, 100 + 100 a request"]
+    assert upload["kisse"] == 14940.2 and upload["met"] is None
+    judged = {m: r["met"] for m, r in rows.items() if r["met"] is not None}
+    assert judged == {"keys: one-time EC keys handed out, exactly the uploaded ones": True,
+                      "keys: one-time PQ keys handed out, exactly the uploaded ones": True,
+                      "keys: one-time keys handed out twice": True,
+                      "keys: claims on the empty pools (no EC key, last-resort PQ key)": True,
+                      "keys: failed claims": True}
+    table = render_table(list(rows.values()))
+    assert "| keys: one-time keys handed out twice" in table and "10,000 (uploaded)" in table
+
+
+def test_keys_rows_not_met() -> None:
+    # One PQ key handed out twice (so one never), ten EC keys never handed out, a failed claim.
+    rows = _keys_rows(pq__twice=1, pq__exactly_the_uploaded=False, handed_out_twice=1, ec__count=9990,
+                      ec__exactly_the_uploaded=False, empty_pool_claims=510, error_count=1)
+    assert rows["keys: one-time EC keys handed out, exactly the uploaded ones"]["met"] is False
+    assert rows["keys: one-time PQ keys handed out, exactly the uploaded ones"]["met"] is False
+    assert rows["keys: one-time keys handed out twice"]["kisse"] == 1
+    assert rows["keys: one-time keys handed out twice"]["met"] is False
+    assert rows["keys: claims on the empty pools (no EC key, last-resort PQ key)"]["met"] is False
+    assert rows["keys: failed claims"]["met"] is False
+    wrong = _keys_rows(pq__wrong_public_key=3, empty_pool_got_last_resort=False)
+    assert wrong["keys: one-time PQ keys handed out, exactly the uploaded ones"]["met"] is False
+    assert wrong["keys: claims on the empty pools (no EC key, last-resort PQ key)"]["met"] is False
+    crash = crash_outcome(RuntimeError("kisse: load generator exited 1: ModuleNotFoundError: No module named 'xeddsa'"))
+    assert build_table({"keys": crash}) == [bench.crashed_row(
+        "keys", "RuntimeError: kisse: load generator exited 1: ModuleNotFoundError: No module named 'xeddsa'",
+        "0 twice, all handed out")]
+
+
+def test_the_relay_with_limits_on_is_measured_against_limits_off() -> None:
+    relay = {"pairs_1": {**SUCCESS["relay"]["pairs_1"],
+                         "kisse_limits": {**SUCCESS["relay"]["pairs_1"]["kisse"], "msgs_per_s": 10600.0}}}
+    row, = [r for r in build_table({"relay": relay}) if "limits on" in r["metric"]]
+    assert row["kisse"] == 10600.0 and row["baseline"] == 11073.9 and row["ratio"] == 0.96 and row["met"] is True
+    relay["pairs_1"]["kisse_limits"]["msgs_per_s"] = 9000.0
+    row, = [r for r in build_table({"relay": relay}) if "limits on" in r["metric"]]
+    assert row["met"] is False
+    # Results from before the limits existed have no such run, and no such row.
+    assert not [r for r in build_table({"relay": SUCCESS["relay"]}) if "limits on" in r["metric"]]

@@ -15,6 +15,7 @@ from tornado.httpclient import AsyncHTTPClient
 
 from tests import mongo_server, redis_server, traffic
 from tests.client import WAIT, Api, Ws
+from tests.prekeys import DeviceKeys
 from tests.served import KisseProcess
 from tests.traffic import TrafficClient, clock
 
@@ -40,7 +41,8 @@ def cluster(tmp_path) -> Iterator[dict[str, Any]]:
     database = f"kisse_cluster_{uuid.uuid4().hex[:8]}"
     env = {"KISSE_STORAGE": mongo_server.shared_server().uri(database), "KISSE_BUS": redis.url,
            "KISSE_JWT_SECRET": JWT_SECRET, "KISSE_BUS_LEASE": str(LEASE), "KISSE_PRESENCE_GRACE": str(GRACE),
-           "KISSE_CALL_RING_TIMEOUT": "2", "KISSE_CALL_SWEEP_INTERVAL": "0.3", "KISSE_WS_PING": "5"}
+           "KISSE_CALL_RING_TIMEOUT": "2", "KISSE_CALL_SWEEP_INTERVAL": "0.3", "KISSE_WS_PING": "5",
+           "KISSE_PREKEY_LOW": "3"}
     nodes = []
     try:
         for i in range(3):
@@ -114,6 +116,33 @@ async def test_every_live_event_crosses_nodes(cluster):
         assert loop.time() - started < 1.0
     finally:
         for ws in (wa, wb, wb2):
+            ws.close()
+
+
+async def test_key_directory_events_reach_the_right_device_on_any_node(cluster):
+    n1, n2, n3 = cluster["nodes"]
+    a, (ta, alice), (tb, bob), conv = await friends(n1)
+    status, second = await a.login(bob["username"])
+    assert status == 200
+    wa, wb1, wb2 = (await Ws.connect(ws_url(n1), ta), await Ws.connect(ws_url(n2), tb),
+                    await Ws.connect(ws_url(n3), second["token"]))
+    try:
+        for ws in (wa, wb1, wb2):
+            await ws.request("sync", {})
+        status, _ = await a.call("PUT", "/api/keys", tb, DeviceKeys().upload(one_time=range(1, 5), pq=range(1, 5)))
+        assert status == 200
+        for ws in (wa, wb2):  # his contact, and his own other device
+            assert (await ws.event("device.added"))["data"] == {"user_id": bob["id"], "device_id": 1}
+        claim = api(n3)  # served where bob's other device is, not the one it concerns
+        assert (await claim.call("GET", f"/api/keys/{bob['id']}/1", ta))[0] == 200  # 3 left: not below 3
+        await wb1.no_event("keys.low", 0.3)
+        assert (await claim.call("GET", f"/api/keys/{bob['id']}/1", ta))[0] == 200
+        assert (await wb1.event("keys.low"))["data"]["one_time_prekeys"] == 2  # on node 2, that device only
+        await wb2.no_event("keys.low", 0.3)
+        assert (await a.call("POST", "/api/auth/logout", second["token"]))[0] == 204
+        assert (await wa.event("device.removed"))["data"] == {"user_id": bob["id"], "device_id": 2}
+    finally:
+        for ws in (wa, wb1, wb2):
             ws.close()
 
 

@@ -91,7 +91,7 @@ SERVER_FRAMES = ("ack", "error", "pong", "message.new", "message.receipt", "conv
                  "conversation.request", "conversation.updated", "member.added", "member.removed",
                  "typing.start", "typing.stop", "presence", "call.incoming", "call.state",
                  "call.answered_elsewhere", "call.offer", "call.answer", "call.ice", "call.hangup",
-                 "user.deleted")
+                 "user.deleted", "keys.low", "identity.changed", "device.added", "device.removed")
 
 
 # -- helpers -----------------------------------------------------------------
@@ -692,6 +692,7 @@ async def test_live_rest_responses_match_openapi(api) -> None:
 @pytest.mark.gen_test(timeout=30)
 async def test_live_ws_frames_match_asyncapi(api, ws_url) -> None:
     from tests.client import Ws
+    from tests.prekeys import DeviceKeys
     ta, alice = await api.register()
     tb, bob = await api.register()
     conv = await api.conversation(ta, bob)
@@ -758,6 +759,15 @@ async def test_live_ws_frames_match_asyncapi(api, ws_url) -> None:
                 assert (await req(a, kind, {"call_id": call["id"]}))["type"] == "error"
         finally:
             b2.close()
+        assert (await api.call("PUT", "/api/keys", tb, DeviceKeys().upload()))[0] == 200
+        await event(a, "device.added")
+        assert (await api.call("GET", f"/api/keys/{bob['id']}", ta))[0] == 200
+        await event(b, "keys.low")  # 4 one-time keys left, fewer than KISSE_PREKEY_LOW
+        assert (await api.call("PUT", "/api/keys", tb, DeviceKeys().upload(one_time=[], pq=[])))[0] == 200
+        await event(a, "identity.changed")
+        status, second = await api.login(bob["username"])
+        assert (await api.call("DELETE", f"/api/devices/{second['device']['device_id']}", tb))[0] == 204
+        await event(a, "device.removed")
         gone_token, gone = await api.register()
         await api.conversation(gone_token, alice)
         assert (await api.call("DELETE", "/api/auth/me", gone_token, {"password": "password123"}))[0] == 204

@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import AsyncIterator
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
@@ -43,6 +43,7 @@ from storage.mongo import blobs, migrations, records
 from storage.mongo.calls import CallsMixin
 from storage.mongo.conversations import ConversationsMixin
 from storage.mongo.devices import DevicesMixin
+from storage.mongo.keys import KeysMixin
 from storage.mongo.messages import MessagesMixin
 
 __all__ = ["MongoStorage"]
@@ -59,7 +60,7 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "retryReads": True,
     "appname": "kisse",
 }
-CRITICAL_COLLECTIONS = ("conversations", "messages", "calls", "call_lines", "devices", "blocks")
+CRITICAL_COLLECTIONS = ("conversations", "messages", "calls", "call_lines", "devices", "blocks", "prekeys")
 
 
 def client_options(url: str) -> dict[str, Any]:
@@ -97,7 +98,7 @@ def bounded(cls: type) -> type:
 
 
 @bounded
-class MongoStorage(ConversationsMixin, MessagesMixin, CallsMixin, DevicesMixin, Storage):
+class MongoStorage(ConversationsMixin, MessagesMixin, CallsMixin, DevicesMixin, KeysMixin, Storage):
     """Kisse's storage on MongoDB (or anything speaking its wire protocol)."""
 
     unavailable_errors = (
@@ -132,6 +133,8 @@ class MongoStorage(ConversationsMixin, MessagesMixin, CallsMixin, DevicesMixin, 
         self._devices = collection("devices")
         self._lines = collection("call_lines")
         self._blocks = collection("blocks")
+        self._prekeys = collection("prekeys")
+        self._leases = collection("leases")
         self._bucket = AsyncGridFSBucket(self.db, bucket_name=blobs.BUCKET_NAME)
         self.stats: dict[str, int] = {"blob_writes": 0, "largest_blob_write": 0}
 
@@ -218,13 +221,25 @@ class MongoStorage(ConversationsMixin, MessagesMixin, CallsMixin, DevicesMixin, 
         await blobs.delete_blob(self._bucket, blob_id)
 
     # -- presence ------------------------------------------------------------
+    async def take_lease(self, name: str, owner: str, seconds: float) -> bool:
+        now = utcnow()
+        try:
+            await self._leases.update_one(
+                {"_id": name, "$or": [{"owner": owner}, {"until": {"$lt": now}}]},
+                {"$set": {"owner": owner, "until": now + timedelta(seconds=seconds)}}, upsert=True)
+        except DuplicateKeyError:  # held by another owner: the upsert's insert collides
+            return False
+        return True
+
     async def get_presences(self, user_ids: list[str]) -> dict[str, Record]:
         return {doc["_id"]: _presence(doc) async for doc in self._presence.find({"_id": {"$in": list(user_ids)}})}
 
     async def set_presence(self, user_id: str, *, status: str | None = None,
-                           last_seen: datetime | None = None) -> Record:
-        changes = {k: v for k, v in (("status", status), ("last_seen", last_seen)) if v is not None}
-        defaults = {k: v for k, v in (("status", "online"), ("last_seen", None)) if k not in changes}
+                           last_seen: datetime | None = None, show_last_seen: bool | None = None) -> Record:
+        changes = {k: v for k, v in (("status", status), ("last_seen", last_seen), ("show_last_seen", show_last_seen))
+                   if v is not None}
+        defaults = {k: v for k, v in (("status", "online"), ("last_seen", None), ("show_last_seen", True))
+                    if k not in changes}
         update: dict[str, Any] = {}
         if changes:
             update["$set"] = changes
@@ -234,7 +249,8 @@ class MongoStorage(ConversationsMixin, MessagesMixin, CallsMixin, DevicesMixin, 
 
 
 def _presence(doc: dict[str, Any]) -> Record:
-    return {"user_id": doc["_id"], "status": doc.get("status", "online"), "last_seen": doc.get("last_seen")}
+    return {"user_id": doc["_id"], "status": doc.get("status", "online"), "last_seen": doc.get("last_seen"),
+            "show_last_seen": doc.get("show_last_seen", True)}
 
 
 async def _upsert(collection: Any, key: str, update: dict[str, Any],

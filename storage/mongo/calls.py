@@ -127,6 +127,10 @@ class CallsMixin:
                                   limit=limit)
         return [records.call(d) for d in await cursor.to_list()]
 
+    async def forget_calls(self, ended_before: datetime) -> int:
+        gone = await self._calls.delete_many({"ended_at": {"$ne": None, "$lt": ended_before}})  # see forget_messages
+        return gone.deleted_count
+
     async def due_pending_calls(self, now: datetime) -> list[Record]:
         cursor = self._calls.find({"status": "pending", "ring_deadline": {"$lte": now}})
         return [records.call(d) for d in await cursor.to_list()]

@@ -46,7 +46,7 @@ class ConversationsMixin:
                 "requests": [m for m in participant_ids if m != creator_id],
                 "admins": [creator_id] if kind == "group" else [], "former": [], "title": title,
                 "created_by": creator_id, "created_at": now, "last_activity_at": now, "last_seq": 0,
-                "last_message": None}
+                "last_message": None, "message_ttl": None}
 
     async def get_or_create_direct(self, creator_id: str, other_id: str) -> tuple[Record, bool]:
         key = ":".join(sorted((creator_id, other_id)))
@@ -156,6 +156,9 @@ class ConversationsMixin:
     async def set_title(self, conversation_id: str, title: str | None) -> Record | None:
         return await self._change(conversation_id, None, {"$set": {"title": title}})
 
+    async def set_message_ttl(self, conversation_id: str, ttl: int | None) -> Record | None:
+        return await self._change(conversation_id, None, {"$set": {"message_ttl": ttl}})
+
     async def contact_ids(self, user_id: str) -> set[str]:
         contacts: set[str] = set()
         async for doc in self._conversations.find({"participant_ids": user_id, "requests": {"$ne": user_id}},
@@ -166,6 +169,12 @@ class ConversationsMixin:
         async for doc in self._blocks.find({"$or": [{"blocker": user_id}, {"blocked": user_id}]}):
             contacts.discard(doc["blocked"] if doc["blocker"] == user_id else doc["blocker"])
         return contacts
+
+    async def shares_conversation(self, user_id: str, other_id: str, accepted_by: str | None = None) -> bool:
+        query: dict[str, Any] = {"participant_ids": {"$all": [user_id, other_id]}}
+        if accepted_by is not None:
+            query["requests"] = {"$ne": accepted_by}
+        return await self._conversations.find_one(query, projection={"_id": 1}) is not None
 
     # -- blocks ----------------------------------------------------------------
     async def block_user(self, blocker_id: str, blocked_id: str) -> None:

@@ -36,7 +36,10 @@ class DevicesMixin:
     async def create_device(self, user_id: str, name: str, refresh_hash: str, refresh_expires_at: datetime,
                             max_devices: int) -> Record:
         # A session whose refresh token expired is gone for good: it holds no slot.
-        await self._devices.delete_many({"user_id": user_id, "refresh_expires_at": {"$lte": utcnow()}})
+        expired = await self._devices.find({"user_id": user_id, "refresh_expires_at": {"$lte": utcnow()}},
+                                           projection={"_id": 1}).to_list()
+        if expired:
+            await self._forget_sessions([d["_id"] for d in expired])
         while True:
             live = await self.list_devices(user_id)
             if len(live) >= max_devices:
@@ -64,6 +67,10 @@ class DevicesMixin:
 
     async def get_session(self, session_id: str) -> Record | None:
         doc = await self._devices.find_one({"_id": session_id})
+        return _device(doc) if doc else None
+
+    async def session_of_refresh(self, refresh_hash: str) -> Record | None:
+        doc = await self._devices.find_one({"refresh_hash": refresh_hash})
         return _device(doc) if doc else None
 
     async def touch_device(self, session_id: str, at: datetime) -> None:
@@ -101,8 +108,13 @@ class DevicesMixin:
             query["_id"] = {"$ne": keep_session}
         gone = await self._devices.find(query).to_list()
         if gone:
-            await self._devices.delete_many({"_id": {"$in": [d["_id"] for d in gone]}})
+            await self._forget_sessions([d["_id"] for d in gone])
         return [_device(d) for d in gone]
+
+    async def _forget_sessions(self, session_ids: list[str]) -> None:
+        """Delete these devices and their one-time prekeys (their bundles are in the device)."""
+        await self._devices.delete_many({"_id": {"$in": session_ids}})
+        await self._prekeys.delete_many({"session_id": {"$in": session_ids}})
 
     # -- accounts ----------------------------------------------------------------------
     async def set_password_hash(self, user_id: str, password_hash: str) -> None:

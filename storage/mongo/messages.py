@@ -43,7 +43,7 @@ same way.
 """
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from collections.abc import Iterable
 from typing import Any
 
@@ -57,16 +57,23 @@ from storage.mongo import records
 NUMBERED = {"seq": {"$exists": True}}
 
 
+def _unexpired() -> dict[str, Any]:
+    """A query part: messages with no expiry, or one still ahead."""
+    return {"$or": [{"expires_at": None}, {"expires_at": {"$gt": utcnow()}}]}
+
+
 class MessagesMixin:
     """The message half of `MongoStorage` (collections are set up there)."""
 
     async def add_message(self, conversation_id: str, sender_id: str, client_message_id: str,
-                          ciphertext: bytes | None, content: Record | None) -> tuple[Record, bool]:
+                          ciphertext: bytes | None, content: Record | None,
+                          ttl: int | None = None) -> tuple[Record, bool]:
         now = utcnow()
+        # `ttl` is kept until the message is numbered: it expires that long after its number.
         doc = {"_id": new_id(), "conversation_id": conversation_id, "sender_id": sender_id,
                "client_message_id": client_message_id, "created_at": now,
                "content": dict(content) if content else None, "ciphertext": ciphertext, "blob_id": None,
-               "pending_since": now}
+               "pending_since": now, "ttl": ttl}
         try:
             await self._messages.insert_one(doc)
         except DuplicateKeyError:  # this send was made before (a retry, or a racing twin)
@@ -84,12 +91,15 @@ class MessagesMixin:
         message_id, conversation_id = doc["_id"], doc["conversation_id"]
         meta = {"id": message_id, "conversation_id": conversation_id, "sender_id": doc["sender_id"],
                 "client_message_id": doc["client_message_id"], "content": doc["content"]}
-        seq, at, fresh = await self._allocate(conversation_id, message_id, meta)
+        ttl = doc.get("ttl")
+        seq, at, fresh = await self._allocate(conversation_id, message_id, meta, ttl)
         faults.point("mongo.send.allocated")
         # created_at is the time of the number, so it follows seq and matches last_activity_at.
+        expires_at = at + timedelta(seconds=ttl) if ttl else None
         numbered = await self._messages.find_one_and_update(
             {"_id": message_id, "pending_since": {"$exists": True}},
-            {"$set": {"seq": seq, "created_at": at}, "$unset": {"pending_since": ""}},
+            {"$set": {"seq": seq, "created_at": at, "expires_at": expires_at},
+             "$unset": {"pending_since": "", "ttl": ""}},
             return_document=ReturnDocument.AFTER)
         faults.point("mongo.send.numbered")
         if numbered is not None:
@@ -132,10 +142,12 @@ class MessagesMixin:
             await self._conversations.update_one(
                 {"_id": conversation_id, "last_message.seq": seq}, {"$set": {"last_message.seq": real_seq}})
 
-    async def _allocate(self, conversation_id: str, message_id: str, meta: Record) -> tuple[int, datetime, bool]:
+    async def _allocate(self, conversation_id: str, message_id: str, meta: Record,
+                        ttl: int | None = None) -> tuple[int, datetime, bool]:
         """This message's seq in its conversation, when it was handed out, and whether
         it is new (else the one the message got before)."""
         literal_id, now = {"$literal": message_id}, utcnow()
+        meta = {**meta, "expires_at": now + timedelta(seconds=ttl) if ttl else None}
         known = {"$in": [literal_id, {"$ifNull": ["$pending.id", []]}]}
         conversation = await self._conversations.find_one_and_update(
             {"_id": conversation_id},
@@ -186,7 +198,7 @@ class MessagesMixin:
         return repaired
 
     async def get_message(self, message_id: str) -> Record | None:
-        doc = await self._messages.find_one({"_id": message_id, **NUMBERED})
+        doc = await self._messages.find_one({"_id": message_id, **NUMBERED, **_unexpired()})
         return records.message(doc) if doc else None
 
     async def list_messages(self, conversation_id: str, *, before: int | None = None,
@@ -194,11 +206,11 @@ class MessagesMixin:
         if limit <= 0:
             return [], False  # pragma: no cover - callers validate limits
         if after is not None:
-            cursor = self._messages.find({"conversation_id": conversation_id, "seq": {"$gt": after}},
+            cursor = self._messages.find({"conversation_id": conversation_id, "seq": {"$gt": after}, **_unexpired()},
                                          sort=[("seq", ASCENDING)], limit=limit + 1)
             docs = await cursor.to_list()
             return [records.message(d) for d in docs[:limit]], len(docs) > limit
-        query: dict = {"conversation_id": conversation_id, "seq": {"$gte": 1}}
+        query: dict = {"conversation_id": conversation_id, "seq": {"$gte": 1}, **_unexpired()}
         if before is not None:
             query["seq"]["$lt"] = before
         docs = await self._messages.find(query, sort=[("seq", DESCENDING)], limit=limit + 1).to_list()
@@ -226,4 +238,29 @@ class MessagesMixin:
                            ignoring: Iterable[str] = ()) -> int:
         return await self._messages.count_documents(
             {"conversation_id": conversation_id, "seq": {"$gt": after_seq},
-             "sender_id": {"$nin": [user_id, *ignoring]}, "tombstone": {"$exists": False}})
+             "sender_id": {"$nin": [user_id, *ignoring]}, "tombstone": {"$exists": False}, **_unexpired()})
+
+    async def forget_messages(self, now: datetime, created_before: datetime | None = None,
+                              limit: int = 1000) -> int:
+        # `$ne: None` as well: a real MongoDB never orders null before a date, mongoeco does.
+        due: dict[str, Any] = {"expires_at": {"$ne": None, "$lte": now}}
+        if created_before is not None:
+            due = {"$or": [due, {"created_at": {"$lt": created_before}, **NUMBERED}]}
+        docs = await self._messages.find(due, projection={"conversation_id": 1, "blob_id": 1},
+                                         limit=limit).to_list()
+        if not docs:
+            return 0
+        for doc in docs:  # the blob first: a message never points at a blob that is gone
+            if doc.get("blob_id"):
+                await self.delete_blob(doc["blob_id"])
+        gone = [d["_id"] for d in docs]
+        await self._messages.delete_many({"_id": {"$in": gone}})
+        for conversation_id in {d["conversation_id"] for d in docs}:
+            newest = await self._messages.find_one({"conversation_id": conversation_id, "seq": {"$gte": 1}},
+                                                   sort=[("seq", DESCENDING)])
+            last = None if newest is None else {k: v for k, v in records.message(newest).items()
+                                                if k not in ("ciphertext", "blob_id")}
+            # Compare-and-set: a message sent meanwhile is the last one, and stays it.
+            await self._conversations.update_one({"_id": conversation_id, "last_message.id": {"$in": gone}},
+                                                 {"$set": {"last_message": last}})
+        return len(docs)

@@ -126,6 +126,22 @@ async def _consent(db: AsyncDatabase) -> None:
                                     IndexModel([("blocked", ASC)], name="blocked")])
 
 
+async def _prekeys(db: AsyncDatabase) -> None:
+    # Claims filter on (session, kind) and take the lowest key id; uploads check ids.
+    await db.prekeys.create_indexes([IndexModel([("session_id", ASC), ("kind", ASC), ("key_id", ASC)],
+                                                unique=True, name="session_kind_key_unique")])
+
+
+async def _forgetting(db: AsyncDatabase) -> None:
+    # The sweep finds expired messages (and, with retention, old messages and calls) by
+    # these. The TTL index is a backstop an hour late, for when no Kisse process sweeps:
+    # it drops the document (inline ciphertext with it) but not a GridFS blob.
+    await db.messages.create_indexes([
+        IndexModel([("expires_at", ASC)], expireAfterSeconds=3600, name="expires_at_ttl"),
+        IndexModel([("created_at", ASC)], name="created_at")])
+    await db.calls.create_indexes([IndexModel([("ended_at", ASC)], name="ended_at")])
+
+
 MIGRATIONS: list[tuple[int, str, Migration]] = [
     (1, "users and conversations indexes", _users_and_conversations),
     (2, "messages, client-id reservations and receipts indexes", _messages_and_receipts),
@@ -135,6 +151,8 @@ MIGRATIONS: list[tuple[int, str, Migration]] = [
     (6, "devices and their sessions", _devices),
     (7, "pending seq allocations by age", _late_allocations),
     (8, "message requests, group admins and blocks", _consent),
+    (9, "one-time prekeys of the key directory", _prekeys),
+    (10, "disappearing messages and retention", _forgetting),
 ]
 LATEST_VERSION = MIGRATIONS[-1][0]
 

@@ -13,8 +13,8 @@ from storage.base import Record
 
 USER_FIELDS = ("id", "username", "display_name", "created_at", "deleted")
 CONVERSATION_FIELDS = ("id", "kind", "participant_ids", "requests", "admins", "former", "title", "created_by",
-                       "created_at", "last_activity_at", "last_seq", "last_message")
-MESSAGE_FIELDS = ("id", "conversation_id", "sender_id", "seq", "client_message_id", "created_at",
+                       "created_at", "last_activity_at", "last_seq", "last_message", "message_ttl")
+MESSAGE_FIELDS = ("id", "conversation_id", "sender_id", "seq", "client_message_id", "created_at", "expires_at",
                   "content", "ciphertext", "blob_id", "tombstone")
 CALL_FIELDS = ("id", "caller_id", "callee_id", "media", "status", "created_at", "ring_deadline",
                "answered_at", "ended_at", "end_reason", "ended_by")
@@ -38,7 +38,9 @@ def user(doc: dict[str, Any]) -> Record:
 
 
 def conversation(doc: dict[str, Any]) -> Record:
-    return record(doc, CONVERSATION_FIELDS)
+    out = record(doc, CONVERSATION_FIELDS)
+    out["pending_seqs"] = sorted(entry["seq"] for entry in doc.get("pending") or ())
+    return out
 
 
 def message(doc: dict[str, Any]) -> Record:

@@ -72,8 +72,11 @@ async def test_capabilities_tell_a_client_the_limits_and_timers(api, settings):
                       "typing_timeout_seconds": settings.typing_timeout,
                       "call_ring_timeout_seconds": settings.call_ring_timeout,
                       "access_token_ttl_seconds": settings.access_ttl,
-                      "refresh_token_ttl_seconds": settings.refresh_ttl}
-    assert body["features"]["turn"] is True
+                      "refresh_token_ttl_seconds": settings.refresh_ttl,
+                      "retention_days": settings.retention_days,
+                      "last_seen_precision_seconds": settings.last_seen_precision}
+    assert limits["message_ttl_min_seconds"] == settings.min_message_ttl and limits["message_ttl_max_seconds"] == 365 * 86400
+    assert body["features"]["turn"] is True and body["features"]["key_directory"] is True
 
 
 @pytest.mark.parametrize("settings", [with_settings(turn_secret="", turn_uris=(), max_body=4096)], ids=["no-turn"])

@@ -126,8 +126,8 @@ async def test_message_record_shape_and_inline_bytes(storage):
     content = {"size": 3, "sha256": hashlib.sha256(b"abc").hexdigest(), "inline": True}
     message, _ = await storage.add_message(conv["id"], a["id"], "x", b"abc", content)
     assert set(message) == {"id", "conversation_id", "sender_id", "seq", "client_message_id",
-                            "created_at", "content", "ciphertext", "blob_id", "tombstone"}
-    assert message["tombstone"] is None
+                            "created_at", "expires_at", "content", "ciphertext", "blob_id", "tombstone"}
+    assert message["tombstone"] is None and message["expires_at"] is None
     assert message["ciphertext"] == b"abc" and message["content"] == content
     assert await storage.get_message(message["id"]) == message
     assert await storage.get_message("e" * 24) is None
@@ -243,10 +243,15 @@ async def test_presence_defaults_and_updates(storage):
     a, b, c = await make_users(storage, "abe", "bea", "cid")
     assert await storage.get_presences([a["id"], b["id"]]) == {}
     record = await storage.set_presence(a["id"], status="away")
-    assert record == {"user_id": a["id"], "status": "away", "last_seen": None}
+    assert record == {"user_id": a["id"], "status": "away", "last_seen": None, "show_last_seen": True}
     seen = utcnow()
     record = await storage.set_presence(a["id"], last_seen=seen)
-    assert record == {"user_id": a["id"], "status": "away", "last_seen": seen}
+    assert record == {"user_id": a["id"], "status": "away", "last_seen": seen, "show_last_seen": True}
+    record = await storage.set_presence(a["id"], show_last_seen=False)
+    assert record == {"user_id": a["id"], "status": "away", "last_seen": seen, "show_last_seen": False}
+    record = await storage.set_presence(a["id"], status="busy")
+    assert record["show_last_seen"] is False and record["status"] == "busy"
+    record = await storage.set_presence(a["id"], status="away")
     other = await storage.set_presence(c["id"], status="busy")
     assert await storage.get_presences([a["id"], b["id"], c["id"], "0" * 24]) == {a["id"]: record, c["id"]: other}
     assert await storage.get_presences([]) == {}
