@@ -38,7 +38,9 @@ PROFILES: dict[str, dict[str, Any]] = {
               "soak_duration": 30.0, "soak_sample_every": 2.0,
               "soak_warmup": 6.0, "soak_send_every": 0.25, "soak_gc_interval": 5.0,
               "cluster_pairs": 10, "cluster_duration": 2.0, "cluster_warmup": 0.5, "cluster_idle": 200,
-              "keys_prekeys": 1_000, "keys_extra_claims": 100},
+              "keys_prekeys": 1_000, "keys_extra_claims": 100,
+              "push_pairs": 50, "push_duration": 2.0, "push_warmup": 0.5, "push_repeats": 1,
+              "push_devices": 200, "push_burst_messages": 10, "push_bursts": ((4, 0.0), (4, 0.05))},
     "full": {"relay_pairs": (1, 50), "relay_duration": 6.0, "relay_warmup": 1.0, "relay_window": 4, "relay_repeats": 3,
              "relay_max": 2_000_000, "idle_counts": (1000, 5000), "idle_settle": 1.0, "storm_logins": 50, "storm_idle_s": 3.0,
              "blob_size": 100 * MIB, "history_messages": 100_000, "history_requests": 3000,
@@ -47,7 +49,10 @@ PROFILES: dict[str, dict[str, Any]] = {
              "soak_duration": 300.0, "soak_sample_every": 10.0,
              "soak_warmup": 30.0, "soak_send_every": 0.5, "soak_gc_interval": 30.0,
              "cluster_pairs": 20, "cluster_duration": 6.0, "cluster_warmup": 1.0, "cluster_idle": 500,
-             "keys_prekeys": 10_000, "keys_extra_claims": 500},
+             "keys_prekeys": 10_000, "keys_extra_claims": 500,
+             "push_pairs": 50, "push_duration": 6.0, "push_warmup": 1.0, "push_repeats": 3,
+             "push_devices": 1_000, "push_burst_messages": 10,
+             "push_bursts": ((4, 0.0), (4, 0.05), (16, 0.05))},
 }
 
 
@@ -168,10 +173,10 @@ def sc_relay(cfg: dict[str, Any], logs: str) -> dict[str, Any]:
     return out
 
 
-def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+def median_run(runs: list[dict[str, Any]], key: str = "msgs_per_s") -> dict[str, Any]:
     """The run with the median throughput (its latencies too), plus every run's throughput."""
-    ordered = sorted(runs, key=lambda r: r.get("msgs_per_s") or 0)
-    return {**ordered[len(ordered) // 2], "runs_msgs_per_s": [r.get("msgs_per_s") for r in runs]}
+    ordered = sorted(runs, key=lambda r: r.get(key) or 0)
+    return {**ordered[len(ordered) // 2], f"runs_{key}": [r.get(key) for r in runs]}
 
 
 def sc_idle(cfg: dict[str, Any], logs: str) -> dict[str, Any]:
@@ -379,10 +384,55 @@ def sc_cluster(cfg: dict[str, Any], logs: str) -> dict[str, Any]:
     return out
 
 
+# Push wake-ups (issue 19). Only Web Push: its fake runs in the load generator, and a
+# development server signs with a VAPID key of its own. Every other provider unset, so
+# that the "off" server (production without a VAPID key) really pushes through nothing.
+PUSH_ENV = {"KISSE_PUSH_VAPID_PRIVATE_KEY": "", "KISSE_PUSH_FCM_CREDENTIALS": "", "KISSE_PUSH_APNS_KEY": "",
+            "KISSE_PUSH_WORKERS": "4", "KISSE_PUSH_QUEUE": "10000", "KISSE_PUSH_COALESCE": "30"}
+PUSH_ON = {**PUSH_ENV, "KISSE_ENV": "development"}
+# Production turns Web Push off without a key, and needs bcrypt >= 10 (only the setup's
+# registrations hash; nothing else in the server reads KISSE_ENV).
+PUSH_OFF = {**PUSH_ENV, "KISSE_ENV": "production", "KISSE_BCRYPT_ROUNDS": "10"}
+PUSH_VARIANTS = {"on": PUSH_ON, "off": PUSH_OFF, "on_no_coalescing": {**PUSH_ON, "KISSE_PUSH_COALESCE": "0"}}
+
+
+def sc_push(cfg: dict[str, Any], logs: str) -> dict[str, Any]:
+    """Push wake-ups: the relay's senders to recipients who are all offline, with push on
+    (each recipient's device has a Web Push subscription) vs off (production, no VAPID
+    key, no subscriptions), interleaved; push on with coalescing off as a report. Then a
+    burst of messages to a group of N offline devices: until each has had its wake-up."""
+    params = {"pairs": cfg["push_pairs"], "window": cfg["relay_window"], "duration": cfg["push_duration"],
+              "warmup": cfg["push_warmup"], "max_messages": cfg["relay_max"]}
+    timeout = cfg["push_duration"] + cfg["push_warmup"] + 90
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in PUSH_VARIANTS}
+    for repeat in range(cfg["push_repeats"]):  # interleaved, the order alternating: drift hits all alike
+        order = list(PUSH_VARIANTS) if repeat % 2 == 0 else list(reversed(PUSH_VARIANTS))
+        for name in order:
+            if name == "on_no_coalescing" and repeat:
+                continue  # a report: one run is enough (and keeps the full profile short)
+            env = PUSH_VARIANTS[name]
+            runs[name].append(with_server(lambda env=env: start_kisse(logs, **env), "push_relay",
+                                          {**params, "push": env is not PUSH_OFF}, timeout))
+    out: dict[str, Any] = {"relay": {name: median_run(r, "sends_per_s") for name, r in runs.items()}}
+    # Each repeat's on / off: the runs of one repeat are neighbours in time.
+    out["relay_ratio_by_repeat"] = [round(on["sends_per_s"] / off["sends_per_s"], 3)
+                                    if on.get("sends_per_s") and off.get("sends_per_s") else None
+                                    for on, off in zip(runs["on"], runs["off"])]
+    n = cfg["push_devices"]
+    out["burst"] = {}
+    for workers, answer_delay in cfg["push_bursts"]:  # (KISSE_PUSH_WORKERS, seconds the fake takes to answer)
+        env = {**PUSH_ON, "KISSE_PUSH_WORKERS": str(workers), "KISSE_MAX_GROUP_MEMBERS": str(n + 1)}
+        burst = {"devices": n, "messages": cfg["push_burst_messages"], "answer_delay": answer_delay,
+                 "workers": workers, "settle": 1.0, "timeout": 60}
+        out["burst"][f"workers_{workers}_answer_{1000 * answer_delay:g}ms"] = with_server(
+            lambda env=env: start_kisse(logs, **env), "push_burst", burst, 120 + n / 10)
+    return out
+
+
 SCENARIOS: dict[str, Callable[[dict[str, Any], str], dict[str, Any]]] = {
     "relay": sc_relay, "idle": sc_idle, "login_storm": sc_login_storm, "blob": sc_blob,
     "history": sc_history, "rest": sc_rest,
-    "restart": sc_restart, "soak": sc_soak, "cluster": sc_cluster, "keys": sc_keys,
+    "restart": sc_restart, "soak": sc_soak, "cluster": sc_cluster, "keys": sc_keys, "push": sc_push,
 }
 
 
@@ -696,6 +746,67 @@ def _cluster_rows(c: Any) -> list[Row]:
     return rows
 
 
+PUSH_RELAY_TARGET = 0.9  # acked sends/s with push on and every recipient offline >= 0.9x push off
+
+
+def _push_rows(ps: Any) -> list[Row]:
+    relay = _get(ps, "relay")
+    on, off, loose = _get(relay, "on"), _get(relay, "off"), _get(relay, "on_no_coalescing")
+    name = (f"push relay, {_fmt(_get(on, 'pairs'))} senders x {_fmt(_get(on, 'window'))} in flight, "
+            "every recipient offline")
+    ks, bs = _get(on, "sends_per_s"), _get(off, "sends_per_s")
+    rows = [_row(f"{name}: acked sends/s, push on", ks, bs, "push off", "send/s",
+                 f">= {PUSH_RELAY_TARGET:g}x push off", _check(_ratio(ks, bs), lambda r: r >= PUSH_RELAY_TARGET))]
+    by_repeat = _get(ps, "relay_ratio_by_repeat")
+    paired = [f"{v:.2f}" for v in (by_repeat if isinstance(by_repeat, list) else ()) if _num(v) is not None]
+    if paired:
+        rows.append(_row("push relay: on / off of each repeat (neighbouring runs)", " / ".join(paired), None, "-",
+                         "ratio", "report", None))
+    for q in ("p50_ms", "p99_ms"):
+        rows.append(_row(f"{name}: ack latency {q[:3]}, push on", _get(on, "latency", q), _get(off, "latency", q),
+                         "push off", "ms", "report", None))
+    woken, recipients = _get(on, "devices_woken"), _get(on, "recipients")
+    ok = _check(woken, lambda v: v == _num(recipients))
+    if ok is not None:
+        ok = ok and _get(on, "max_wakeups_per_device") == 1 and _get(on, "fake_error_count") == 0
+    rows.append(_row("push relay: recipients' devices woken, once each (coalescing)", woken, recipients,
+                     "recipients", "devices", "all, once each", ok))
+    if loose is not None:
+        ls = _get(loose, "sends_per_s")
+        rows.append(_row("push relay, coalescing off (KISSE_PUSH_COALESCE=0): acked sends/s", ls, bs, "push off",
+                         "send/s", "report", None))
+        rows.append(_row("push relay, coalescing off: wake-ups the fake received", _get(loose, "wakeups_received"),
+                         _get(loose, "sent_total"), "sends made", "pushes", "report", None))
+    for _, b in _items(_get(ps, "burst")):
+        n, hold = _get(b, "devices"), _num(_get(b, "answer_delay_ms"))
+        service = "answering at once" if not hold else f"answering in {hold:g} ms"
+        burst = (f"push burst: {_fmt(_get(b, 'messages'))} msgs to {_fmt(n)} offline devices, "
+                 f"{_fmt(_get(b, 'workers'))} workers, push service {service}")
+        rows.append(_row(f"{burst}: every device woken after", _get(b, "time_to_all_s"), None, "-", "s",
+                         "report", False if _get(b, "all_woken") is False else None))
+        for q in ("p50_ms", "p99_ms", "max_ms"):
+            rows.append(_row(f"{burst}: per-device delay {q[:-3]}", _get(b, "delay", q), None, "-", "ms",
+                             "report", None))
+        once = _get(b, "woken_exactly_once")
+        ok = _check(once, lambda v: v == _num(n))
+        rows.append(_row(f"{burst}: devices woken exactly once", once, n, "devices", "devices", f"= {_fmt(n)}",
+                         None if ok is None else ok and _get(b, "woken_more_than_once") == 0))
+        outcomes = _get(b, "pushes_sent")
+        wrong = [_num(v) for k, v in _items(outcomes) if k != "sent"]
+        wrong += [_num(_get(b, "fake_error_count")), _num(_get(b, "dropped_wakeups"))]
+        known = isinstance(outcomes, dict) and all(v is not None for v in wrong)
+        total = sum(wrong) if known else None  # type: ignore[arg-type]
+        if isinstance(total, float) and total.is_integer():
+            total = int(total)  # counters come as floats from /metrics
+        rows.append(_row(f"{burst}: pushes retried, failed or refused + wake-ups dropped", total, None, "-",
+                         "pushes", "= 0", _check(total, lambda v: v == 0)))
+        server, load = _num(_get(b, "cpu", "server_cpu_pct")), _num(_get(b, "cpu", "client_cpu_pct"))
+        text = f"server {server:.0f} / load {load:.0f}" if server is not None and load is not None else "-"
+        rows.append(_row(f"{burst}: wake-ups/s (CPU: {text} % of a core)", _get(b, "wakeups_per_s"), None,
+                         "-", "wake/s", "report", None))
+    return rows
+
+
 # Per scenario, in table order: its rows, and the target a crashed row shows.
 TABLE: dict[str, tuple[Callable[[Any], list[Row]], str]] = {
     "relay": (_relay_rows, ">= 0.5x bare, p99 <= 2x bare"), "idle": (_idle_rows, "<= 1.5x bare"),
@@ -704,6 +815,7 @@ TABLE: dict[str, tuple[Callable[[Any], list[Row]], str]] = {
     "restart": (_restart_rows, f"<= {RESTART_TARGET_S:g} s"), "soak": (_soak_rows, "RSS slope ~0"),
     "cluster": (_cluster_rows, f"cross p99 <= {CLUSTER_LATENCY_RATIO:g}x same, 2 nodes >= {CLUSTER_SCALE_TARGET:g}x 1"),
     "keys": (_keys_rows, "0 twice, all handed out"),
+    "push": (_push_rows, f">= {PUSH_RELAY_TARGET:g}x push off, each device woken once"),
 }
 
 

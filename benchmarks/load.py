@@ -1148,9 +1148,298 @@ async def cluster(p: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# -- push wake-ups (issue 19): recipients offline, a fake Web Push service in this process --
+PUSH_METRICS = ("kisse_pushes_total", "kisse_push_queue", "kisse_push_dropped_wakeups",
+                "kisse_push_dropped_registrations", "kisse_push_request_duration_seconds_sum",
+                "kisse_push_request_duration_seconds_count")
+
+
+async def push_metrics(session: aiohttp.ClientSession, base: str) -> dict[str, float]:
+    """The server's push figures from /metrics, e.g. `kisse_pushes_total{kind="wake",outcome="sent",...}`."""
+    async with session.get(base + "/metrics") as response:
+        text = await response.text()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith(PUSH_METRICS):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+def pushes_sent(metrics: dict[str, float]) -> dict[str, float]:
+    """`kisse_pushes_total` by outcome (every provider and kind summed)."""
+    out: dict[str, float] = {}
+    for name, value in metrics.items():
+        if name.startswith("kisse_pushes_total{"):
+            outcome = name.split('outcome="', 1)[1].split('"', 1)[0]
+            out[outcome] = out.get(outcome, 0) + value
+    return out
+
+
+async def push_features(api: "Kisse") -> list[str]:
+    return (await api.call("GET", "/api/capabilities"))["features"].get("push") or []
+
+
+async def register_push(api: "Kisse", fake: Any, tokens: list[str], concurrency: int = 16) -> list[dict[str, Any]]:
+    """A subscription of the fake for each token's device, registered with `PUT /api/push`."""
+    subs = [fake.subscribe() for _ in tokens]
+    done = await bounded_gather(concurrency, [
+        lambda t=t, s=s: api.call("PUT", "/api/push", t, {"provider": "webpush", **s}, expect=(204,))
+        for t, s in zip(tokens, subs)])
+    for d in done:
+        if isinstance(d, BaseException):
+            raise d
+    return subs
+
+
+def _wakes_by_endpoint(fake: Any, start: int = 0) -> dict[str, list[Any]]:
+    """The pushes the fake accepted (2xx; from its `start`-th), by subscription endpoint, in arrival order."""
+    out: dict[str, list[Any]] = {}
+    for push in fake.pushes[start:]:
+        if 200 <= push.status < 300 and not push.abandoned:
+            out.setdefault(push.endpoint, []).append(push)
+    return out
+
+
+class AckSender:
+    """One sender's closed loop over picows: at most `window` `message.send` unacknowledged;
+    each `ack` (or `error`) frees a slot and the next send goes out."""
+
+    def __init__(self, side: Any, index: int, conversation_id: str, window: int, max_messages: int,
+                 acks: list[tuple[float, float]], errors: list[str]) -> None:
+        from picows import WSMsgType  # here: only the picows loads need it
+        self.text = WSMsgType.TEXT
+        self.side, self.window, self.max_messages = side, window, max_messages
+        self.template = ('{"type":"message.send","id":%%d,"data":{"conversation_id":"%s",'
+                         '"client_message_id":"s%d-%%d","ciphertext":"%s"}}' % (conversation_id, index, CIPHERTEXT))
+        self.sent_at: dict[int, float] = {}
+        self.next = 0
+        self.acked = 0
+        self.stopped = False
+        self.acks, self.errors = acks, errors
+        side.on_text = self.on_text
+
+    def start(self) -> None:
+        for _ in range(self.window):
+            self.send()
+
+    def send(self) -> None:
+        if self.stopped or self.next >= self.max_messages or self.side.transport is None:
+            return
+        k = self.next
+        self.next += 1
+        self.sent_at[k] = perf()
+        self.side.transport.send(self.text, (self.template % (k, k)).encode())
+
+    def on_text(self, text: str) -> None:
+        ack = text.startswith('{"type":"ack"')
+        if not ack and not text.startswith('{"type":"error"'):
+            return  # an event (none expected: the other side never connects)
+        t0 = self.sent_at.pop(json.loads(text).get("id"), None)
+        if t0 is None:
+            return
+        if ack:
+            now = perf()
+            self.acks.append((now, now - t0))
+            self.acked += 1
+        else:
+            self.errors.append(text[:300])
+        self.send()
+
+
+async def push_relay(p: dict[str, Any]) -> dict[str, Any]:
+    """`pairs` senders, each in an accepted direct conversation with its own recipient who
+    never connects; each sender keeps `window` sends unacknowledged (closed loop on the
+    acks, picows). With `push`, every recipient's device has a Web Push subscription of a
+    fake push service in this process (tests/fake_webpush.py: it checks VAPID, decrypts
+    and records), so every message plans a wake-up for an offline device. Acked sends/s
+    over `duration` after `warmup`; the pushes the fake received and the server counted."""
+    from benchmarks import fastws
+    from tests.fake_webpush import FakeWebPush
+    pairs, window = p["pairs"], p["window"]
+    ws_base = p["base"].replace("http://", "ws://")
+    fake = FakeWebPush()
+    await fake.start()
+    sides: list[Any] = []
+    try:
+        async with make_session() as session:
+            api = Kisse(session, p["base"])
+            features = await push_features(api)
+            if features != (["webpush"] if p["push"] else []):
+                raise RuntimeError(f"push {'on' if p['push'] else 'off'} wanted, the server pushes through {features}")
+            t0 = perf()
+            users, convs = await register_pairs(api, pairs)
+            register = p.get("register", p["push"])  # False with push on: a cross-check, no device to wake
+            subs = await register_push(api, fake, [users[2 * i + 1][0] for i in range(pairs)]) if register else []
+            setup_s = perf() - t0
+            for i in range(pairs):
+                sides.append(await fastws.connect(f"{ws_base}/ws?token={users[2 * i][0]}", True))
+            acks: list[tuple[float, float]] = []
+            errors: list[str] = []
+            senders = [AckSender(side, i, convs[i], window, max(1, p["max_messages"] // pairs), acks, errors)
+                       for i, side in enumerate(sides)]
+            t_first = perf()
+            for sender in senders:
+                sender.start()
+            await asyncio.sleep(p["warmup"])
+            # And until every subscribed device has had its first wake-up: the next one is due at
+            # the end of its coalescing window (30 s), so the window measures the steady state,
+            # not the one-off burst of first wake-ups (a 6 s window holding them would count
+            # them five times over).
+            endpoints = {s["endpoint"] for s in subs}
+            deadline = perf() + p.get("wake_timeout", 30)
+            while not endpoints <= _wakes_by_endpoint(fake).keys() and perf() < deadline:
+                await asyncio.sleep(0.02)
+            first_wakes = _wakes_by_endpoint(fake)
+            meter = CpuMeter(p["server_pid"])
+            meter.start()
+            t_start = perf()
+            done_at = t_start + p["duration"]
+            while perf() < done_at and any(s.next < s.max_messages for s in senders):
+                await asyncio.sleep(0.05)
+            t_end = perf()
+            cpu = meter.stop()
+            for sender in senders:
+                sender.stopped = True
+            await asyncio.sleep(0.5)  # the last acks, and the wake-ups of the last plans
+            metrics = await push_metrics(session, p["base"])
+        window_lat = [lat for (t, lat) in acks if t_start <= t <= t_end]
+        woken = _wakes_by_endpoint(fake)
+        per_device = [len(woken.get(s["endpoint"], ())) for s in subs]
+        # The fake's stamps are time.monotonic(), ours perf_counter(): both CLOCK_MONOTONIC on Linux.
+        firsts = [pushes[0].at for pushes in first_wakes.values()]
+        in_window = sum(1 for pushes in woken.values() for x in pushes if t_start <= x.at <= t_end)
+        return {"push": p["push"], "features_push": features, "pairs": pairs, "window": window,
+                "setup_s": round(setup_s, 2), "measured_s": round(t_end - t_start, 3), "acked": len(window_lat),
+                "sends_per_s": round(len(window_lat) / (t_end - t_start), 1),
+                "sent_total": sum(s.next for s in senders), "acked_total": sum(s.acked for s in senders),
+                "latency": latency_summary(window_lat), "cpu": cpu, "errors": errors[:5], "error_count": len(errors),
+                "recipients": pairs, "registered": len(subs), "devices_woken": sum(1 for n in per_device if n),
+                "first_wakeups_done_s": _r(max(firsts) - t_first) if firsts else None,
+                "measured_from_s": round(t_start - t_first, 3), "wakeups_in_window": in_window,
+                "wakeups_received": sum(per_device), "max_wakeups_per_device": max(per_device, default=0),
+                "fake_requests": len(fake.pushes), "fake_errors": fake.errors[:5],
+                "fake_error_count": len(fake.errors), "pushes_sent": pushes_sent(metrics), "metrics": metrics}
+    finally:
+        for side in sides:
+            if side.transport is not None:
+                side.transport.send_close()
+                side.transport.disconnect()
+        await fake.stop()
+
+
+async def push_burst(p: dict[str, Any]) -> dict[str, Any]:
+    """`devices` users, each signed in on one device with a Web Push subscription of the
+    fake (tests/fake_webpush.py), none connected, all members (accepted) of one group
+    with a sender, who connects. The fake holds each push `answer_delay` seconds before
+    its 201 (0, or a remote push service's answer time). The sender pipelines `messages`
+    sends to the group at once: every device should get exactly one wake-up (coalescing).
+    From the first send (monotonic clock, as the fake stamps what arrives): when each
+    device's wake-up reached the fake; `settle` seconds after the last, how many each got."""
+    from tests.fake_webpush import FakeWebPush
+    n, burst, hold = p["devices"], p["messages"], p["answer_delay"]
+    clock = time.monotonic  # tests/fake_webpush.py's Push.at
+    fake = FakeWebPush()
+    await fake.start()
+    try:
+        async with make_session() as session:
+            api = Kisse(session, p["base"])
+            features = await push_features(api)
+            if features != ["webpush"]:
+                raise RuntimeError(f"push wanted, the server pushes through {features}")
+            tag = unique("w")
+            t0 = perf()
+            users = await bounded_gather(16, [lambda i=i: api.register(f"{tag}_{i}") for i in range(n + 1)])
+            for u in users:
+                if isinstance(u, BaseException):
+                    raise u
+            sender, members = users[0], users[1:]
+            phases = {"register_s": perf() - t0}
+            subs = await register_push(api, fake, [m[0] for m in members])
+            phases["push_register_s"] = perf() - t0 - sum(phases.values())
+            group = (await api.call("POST", "/api/conversations", sender[0],
+                                    {"participant_ids": [m[1] for m in members], "title": "burst"}))["conversation"]
+            phases["group_s"] = perf() - t0 - sum(phases.values())
+            accepted = await bounded_gather(16, [
+                lambda m=m: api.call("POST", f"/api/conversations/{group['id']}/accept", m[0], {}) for m in members])
+            for a in accepted:
+                if isinstance(a, BaseException):
+                    raise a
+            phases["accept_s"] = perf() - t0 - sum(phases.values())
+            setup_s = perf() - t0
+            if hold:
+                for sub in subs:
+                    fake.hang(sub, hold)
+            ws = await api.connect(sender[0])
+            acked_at: dict[int, float] = {}
+            errors: list[str] = []
+
+            async def reader() -> None:
+                async for msg in ws:
+                    if msg.type != aiohttp.WSMsgType.TEXT:
+                        return
+                    if msg.data.startswith('{"type":"ack"'):
+                        acked_at[json.loads(msg.data)["id"]] = clock()
+                    elif msg.data.startswith('{"type":"error"'):
+                        errors.append(msg.data[:300])
+
+            reading = asyncio.ensure_future(reader())
+            await asyncio.sleep(p["settle"])
+            before = len(fake.pushes)  # nothing so far: requests and joins wake nobody
+            metrics_before = await push_metrics(session, p["base"])
+            endpoints = {s["endpoint"] for s in subs}
+            meter = CpuMeter(p["server_pid"])
+            meter.start()
+            t_send = clock()
+            for k in range(burst):
+                await ws.send_str('{"type":"message.send","id":%d,"data":{"conversation_id":"%s",'
+                                  '"client_message_id":"w%d","ciphertext":"%s"}}' % (k, group["id"], k, CIPHERTEXT))
+            deadline = t_send + p["timeout"]
+            while clock() < deadline:
+                if endpoints <= _wakes_by_endpoint(fake, before).keys():
+                    break
+                await asyncio.sleep(0.01)
+            t_all = clock()
+            cpu = meter.stop()
+            await asyncio.sleep(p["settle"])  # any second wake-up would come now
+            reading.cancel()
+            await ws.close()
+            woken = _wakes_by_endpoint(fake, before)
+            metrics = await push_metrics(session, p["base"])
+        first = {e: pushes[0].at - t_send for e, pushes in woken.items() if e in endpoints}
+        delays = sorted(first.values())
+        counts = [len(woken.get(e, ())) for e in endpoints]
+        all_woken = len(first) == n
+        sent, sent_before = pushes_sent(metrics), pushes_sent(metrics_before)
+        return {"devices": n, "messages": burst, "answer_delay_ms": round(1000 * hold, 1),
+                "workers": p.get("workers"), "setup_s": round(setup_s, 2),
+                "setup_phases_s": {k: round(v, 2) for k, v in phases.items()},
+                "group_members": len(group.get("participants") or ()) or None, "pushes_before_burst": before,
+                "acked": len(acked_at), "errors": errors[:5], "error_count": len(errors),
+                "all_acked_s": _r(max(acked_at.values()) - t_send) if len(acked_at) == burst else None,
+                "all_woken": all_woken, "devices_woken": len(first),
+                "time_to_all_s": _r(delays[-1]) if all_woken else None,
+                "first_wake_s": _r(delays[0]) if delays else None, "delay": latency_summary(delays),
+                "wakeups_per_s": round(n / delays[-1], 1) if all_woken else None,
+                "waited_s": round(t_all - t_send, 3), "cpu": cpu,
+                "woken_exactly_once": sum(1 for c in counts if c == 1),
+                "woken_more_than_once": sum(1 for c in counts if c > 1), "wakeups_received": sum(counts),
+                "payloads": dict(Counter(json.dumps(x.json(), sort_keys=True) for v in woken.values() for x in v)),
+                "urgency": dict(Counter(x.headers.get("Urgency") for v in woken.values() for x in v)),
+                "fake_requests": len(fake.pushes) - before, "fake_error_count": len(fake.errors),
+                "fake_errors": fake.errors[:5],
+                "pushes_sent": {k: v - sent_before.get(k, 0) for k, v in sent.items()},
+                "dropped_wakeups": metrics.get("kisse_push_dropped_wakeups", 0)
+                - metrics_before.get("kisse_push_dropped_wakeups", 0),
+                "metrics": metrics}
+    finally:
+        await fake.stop()
+
+
 SCENARIOS: dict[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]] = {
     "relay": relay, "idle": idle, "login_storm": login_storm, "blob": blob, "history": history, "rest": rest,
     "restart": restart, "soak": soak, "cluster": cluster, "keys": keys,
+    "push_relay": push_relay, "push_burst": push_burst,
 }
 
 

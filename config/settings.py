@@ -92,6 +92,20 @@ class Settings:
     min_message_ttl: int = 5
     forget_sweep_interval: float = 1.0
     last_seen_precision: int = 60
+    push_coalesce: float = 30.0
+    push_timeout: float = 10.0
+    push_queue: int = 10_000
+    push_workers: int = 4
+    push_ca_file: str = ""
+    push_fcm_credentials: str = ""
+    push_fcm_url: str = "https://fcm.googleapis.com"
+    push_apns_key: str = ""
+    push_apns_key_id: str = ""
+    push_apns_team_id: str = ""
+    push_apns_topic: str = ""
+    push_apns_url: str = "https://api.push.apple.com"
+    push_vapid_private_key: str = ""
+    push_vapid_subject: str = ""
     gc_interval: float = 30.0
     log_level: str = "INFO"
     # Abuse limits, in the `limits` library's notation ("N/period;M/period"); see kisse/limits.py.
@@ -250,6 +264,29 @@ OPTIONS: tuple[Option, ...] = (
            "Seconds between sweeps that delete expired messages (and, with retention, old ones).", 0.01),
     Option("KISSE_LAST_SEEN_PRECISION", "last_seen_precision", _int,
            "Seconds last_seen is rounded down to, as stored and as shown (1: exact).", 1),
+    Option("KISSE_PUSH_COALESCE", "push_coalesce", _float,
+           "Seconds within which a device gets one message wake-up at most (a burst wakes it once).", 0),
+    Option("KISSE_PUSH_TIMEOUT", "push_timeout", _float, "Seconds a request to a push provider may take.", 0.01),
+    Option("KISSE_PUSH_QUEUE", "push_queue", _int,
+           "Pushes waiting at most; past it a device's oldest wake-ups are dropped first.", 1),
+    Option("KISSE_PUSH_WORKERS", "push_workers", _int, "Pushes sent at once.", 1),
+    Option("KISSE_PUSH_CA_FILE", "push_ca_file", _str,
+           "Extra CA certificates (PEM) trusted for push providers (a private relay; the tests' fakes)."),
+    Option("KISSE_PUSH_FCM_CREDENTIALS", "push_fcm_credentials", _str,
+           "Path to the Firebase service-account JSON (empty: FCM off)."),
+    Option("KISSE_PUSH_FCM_URL", "push_fcm_url", _str, "FCM HTTP v1 base URL."),
+    Option("KISSE_PUSH_APNS_KEY", "push_apns_key", _str, "Path to the APNs auth key (.p8; empty: APNs off)."),
+    Option("KISSE_PUSH_APNS_KEY_ID", "push_apns_key_id", _str, "The APNs key's id (kid)."),
+    Option("KISSE_PUSH_APNS_TEAM_ID", "push_apns_team_id", _str, "The Apple developer team id (iss)."),
+    Option("KISSE_PUSH_APNS_TOPIC", "push_apns_topic", _str,
+           "The app's bundle id (the apns-topic; VoIP pushes go to <topic>.voip)."),
+    Option("KISSE_PUSH_APNS_URL", "push_apns_url", _str,
+           "APNs base URL (https://api.sandbox.push.apple.com for development builds)."),
+    Option("KISSE_PUSH_VAPID_PRIVATE_KEY", "push_vapid_private_key", _str,
+           "Path to the VAPID private key (PEM, P-256) for Web Push; empty: generated with a warning in "
+           "development, Web Push off in production."),
+    Option("KISSE_PUSH_VAPID_SUBJECT", "push_vapid_subject", _str,
+           "VAPID contact (mailto: or https: URL) push services may reach the operator at."),
     Option("KISSE_GC_INTERVAL", "gc_interval", _float,
            "Seconds between full garbage collections of the server process (0: never).", 0),
     Option("KISSE_LOG_LEVEL", "log_level", _str, "DEBUG, INFO, WARNING or ERROR."),

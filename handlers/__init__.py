@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from handlers import (auth, blocks, calls, content, conversations, devices, health, keys, messages, metrics, presence,
-                      users, ws)
+                      push, users, ws)
 
 default_handlers: list[tuple[str, Any]] = [
     *health.routes,
@@ -12,6 +12,7 @@ default_handlers: list[tuple[str, Any]] = [
     *auth.routes,
     *devices.routes,
     *keys.routes,
+    *push.routes,
     *users.routes,
     *blocks.routes,
     *conversations.routes,

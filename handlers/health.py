@@ -40,7 +40,7 @@ class CapabilitiesHandler(APIHandler):
     auth_required = False
 
     def get(self) -> None:
-        self.send_json(capabilities(self.kisse_settings))
+        self.send_json(capabilities(self.kisse_settings, list(self.rt.push.providers)))
 
 
 routes = [(r"/healthz", HealthHandler), (r"/readyz", ReadyHandler), (r"/api/capabilities", CapabilitiesHandler)]

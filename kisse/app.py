@@ -14,6 +14,7 @@ from kisse.calls import CallTimers
 from kisse.bus import BLOCKS_CHANGED, CONVERSATION_CHANGED, make_bus
 from kisse.contacts import Blocks
 from kisse.forgetting import Forgetting
+from kisse.push import PushService
 from kisse import limits
 from kisse.limits import Limits
 from kisse.members import Members
@@ -50,6 +51,8 @@ def make_app(settings: Settings, storage: Storage) -> tornado.web.Application:
     """Build the application; `await startup(app)` before serving."""
     rt = Runtime(settings=settings, storage=storage)
     rt.bus = make_bus(settings, rt.hub)
+    rt.hub.on_connection_added.append(rt.bus.connection_opened)
+    rt.hub.on_connection_closed.append(rt.bus.connection_closed)
     rt.presence = PresenceTracker(rt)
     rt.typing = TypingTracker(rt)
     rt.calls = CallTimers(rt)
@@ -59,6 +62,8 @@ def make_app(settings: Settings, storage: Storage) -> tornado.web.Application:
     rt.blocks = Blocks(rt)
     rt.limits = Limits(settings, on_refusal=lambda name: rt.metrics.rate_limited.labels(name).inc())
     rt.forgetting = Forgetting(rt)
+    rt.push = PushService(rt)
+    rt.metrics.push_stats = lambda: {"depth": rt.push.depth(), **rt.push.stats}
     rt.bus.subscribe(rt.members.on_event, CONVERSATION_CHANGED)
     rt.bus.subscribe(rt.blocks.on_event, BLOCKS_CHANGED)
     return tornado.web.Application(
@@ -85,6 +90,7 @@ async def startup(app: tornado.web.Application) -> None:
     rt.calls.start()
     rt.tasks.every(rt.settings.send_repair_after, lambda: messaging.repair_sends(rt), "send repair")
     rt.forgetting.start()
+    rt.push.start()
     rt.tasks.every(limits.SWEEP_EVERY, rt.limits.sweep, "rate-limit sweep", first_after=limits.SWEEP_EVERY)
 
 
@@ -105,6 +111,7 @@ async def shutdown(app: tornado.web.Application, grace: float = 10.0) -> None:
     rt.calls.stop()
     rt.presence.close()
     rt.typing.close()
+    await rt.push.close()
     await rt.tasks.close()  # background work ends before the storage it uses
     await rt.bus.close()
     await rt.limits.close()

@@ -132,5 +132,6 @@ async def delete_account(rt: Runtime, identity: sessions.Identity, password: str
     contacts = await rt.storage.contact_ids(user["id"])
     sessions_of = {d["session_id"] for d in await rt.storage.list_devices(user["id"])}
     await rt.storage.delete_user(user["id"])
+    rt.push.changed([user["id"]])
     rt.bus.revoke_sessions(user["id"], sessions_of, protocol.CLOSE_REVOKED, "account deleted")
     rt.bus.send(contacts, "user.deleted", {"user_id": user["id"]})

@@ -26,7 +26,8 @@ log = logging.getLogger("kisse.bus")
 SESSIONS_REVOKED = "sessions.revoked"        # data {session_ids, code, reason}: close those connections
 CONVERSATION_CHANGED = "conversation.changed"  # data {conversation_id}: forget its cached membership
 BLOCKS_CHANGED = "blocks.changed"            # data {user_ids}: forget their cached blocks
-INTERNAL = frozenset({SESSIONS_REVOKED, CONVERSATION_CHANGED, BLOCKS_CHANGED})
+PUSH_CHANGED = "push.changed"                # data {user_ids}: forget their cached push registrations
+INTERNAL = frozenset({SESSIONS_REVOKED, CONVERSATION_CHANGED, BLOCKS_CHANGED, PUSH_CHANGED})
 
 
 @dataclass(slots=True)  # not frozen: a frozen dataclass costs a setattr call per field, per event
@@ -69,6 +70,9 @@ class Bus:
         self._subscribers: dict[str, list[Subscriber]] = {}
         # Called with a user id when a dead node's user is present nowhere any more.
         self.on_user_gone: list[Callable[[str], Any]] = []
+        # Called with each event this process publishes (not those it receives from other
+        # nodes): whatever must happen once per cluster, such as a push wake-up.
+        self.on_publish: list[Subscriber] = []
 
     async def start(self) -> None: ...
 
@@ -98,11 +102,21 @@ class Bus:
                            (user_id,)))
 
     def changed(self, event_type: str, data: dict[str, Any]) -> None:
-        """Tell every process that cached state changed (CONVERSATION_CHANGED, BLOCKS_CHANGED)."""
+        """Tell every process that cached state changed (CONVERSATION_CHANGED, BLOCKS_CHANGED,
+        PUSH_CHANGED)."""
         self.publish(Event(event_type, data, everywhere=True))
 
     def publish(self, event: Event) -> int:
+        self.published(event)
         return self.deliver(event)
+
+    def published(self, event: Event) -> None:
+        """Run the `on_publish` hooks; a hook's bug must not stop the event."""
+        for hook in self.on_publish:
+            try:
+                hook(event)
+            except Exception:
+                log.exception("publish hook failed on %s", event.type)
 
     def deliver(self, event: Event) -> int:
         """Hand an event to this process: the subscribers, then the hub's connections."""
@@ -143,6 +157,16 @@ class Bus:
     async def present_elsewhere(self, user_id: str) -> bool:
         """Whether another process has the user present."""
         return False
+
+    async def connected_sessions(self, user_ids: Iterable[str]) -> set[str]:
+        """The device sessions of these users with a live connection on some process."""
+        return self.hub.sessions(user_ids)
+
+    def connection_opened(self, connection: Any) -> None:
+        """A hub hook: a connection of this process opened (a cluster tells the others)."""
+
+    def connection_closed(self, connection: Any) -> None:
+        """A hub hook: a connection of this process closed."""
 
 
 def make_bus(settings: Any, hub: Hub) -> Bus:

@@ -12,7 +12,8 @@ from kisse.validation import MAX_PROPERTIES
 API_VERSION = 1
 
 
-def capabilities(settings: Settings) -> dict[str, Any]:
+def capabilities(settings: Settings, push: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """`push`: the push providers this server has credentials for (kisse/push)."""
     return {
         "version": __version__,
         "api_version": API_VERSION,
@@ -47,5 +48,6 @@ def capabilities(settings: Settings) -> dict[str, Any]:
         "features": {
             "turn": bool(settings.turn_secret),
             "key_directory": True,
+            "push": sorted(push),
         },
     }

@@ -37,6 +37,7 @@ class Hub:
         self._by_ip: dict[str, int] = {}  # open connections per client address (KISSE_MAX_WS_PER_IP)
         # Called with a user id when their first connection opens / last one closes.
         self.on_first_connection: list[Callable[[str], Any]] = []
+        self.on_connection_added: list[Callable[[Connection], Any]] = []
         self.on_last_disconnection: list[Callable[[str], Any]] = []
         self.on_connection_closed: list[Callable[[Connection], Any]] = []
         # Connections with frames waiting for the end of this loop pass (handlers/outbox.py):
@@ -47,6 +48,8 @@ class Hub:
         devices = self._by_user.setdefault(connection.user_id, {})
         devices[connection.conn_id] = connection
         self._by_ip[connection.client_ip] = self._by_ip.get(connection.client_ip, 0) + 1
+        for listener in self.on_connection_added:
+            listener(connection)
         if len(devices) == 1:
             for listener in self.on_first_connection:
                 listener(connection.user_id)
@@ -68,6 +71,10 @@ class Hub:
     def count_from(self, client_ip: str) -> int:
         """Open connections from this client address."""
         return self._by_ip.get(client_ip, 0)
+
+    def sessions(self, user_ids: Iterable[str]) -> set[str]:
+        """The device sessions of these users with a connection here."""
+        return {c.session_id for u in user_ids for c in self._by_user.get(u, {}).values()}
 
     def is_connected(self, user_id: str) -> bool:
         return user_id in self._by_user

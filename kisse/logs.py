@@ -46,6 +46,7 @@ def setup_logging(level: str = "INFO") -> None:
 def quiet_libraries() -> None:
     """Keep libraries that log secrets at DEBUG away from DEBUG, whatever the level:
     Tornado's access log prints query strings (`/ws?token=…`), PyMongo's command
-    log prints documents (ciphertext, password hashes)."""
-    for name in ("tornado.access", "pymongo"):
+    log prints documents (ciphertext, password hashes), httpx logs every URL at INFO
+    (a Web Push endpoint is a capability: whoever has it can push to the device)."""
+    for name in ("tornado.access", "pymongo", "httpx", "httpcore"):
         logging.getLogger(name).setLevel(logging.WARNING)

@@ -37,6 +37,17 @@ class Metrics:
                 ("cut", "kisse_slow_clients_cut",
                  "Connections cut by the first request's header timeout or a body timeout (cumulative)")):
             Gauge(name, text, registry=r).set_function(lambda key=key: float(self.listener_stats().get(key, 0)))
+        self.pushes = Counter("kisse_pushes_total", "Push wake-ups sent, by provider, kind and outcome",
+                              ["provider", "kind", "outcome"], registry=r)
+        self.push_latency = Histogram("kisse_push_request_duration_seconds", "Push provider request latency",
+                                      ["provider"], registry=r)
+        self.push_stats: Callable[[], dict[str, Any]] = dict
+        for key, name, text in (("depth", "kisse_push_queue", "Pushes waiting to be sent"),
+                                ("dropped_wakes", "kisse_push_dropped_wakeups",
+                                 "Wake-ups dropped: the queue was full (cumulative)"),
+                                ("dropped_registrations", "kisse_push_dropped_registrations",
+                                 "Registrations the provider declared dead, dropped (cumulative)")):
+            Gauge(name, text, registry=r).set_function(lambda key=key: float(self.push_stats().get(key, 0)))
         self.bus_stats: Callable[[], dict[str, Any]] = dict
         for key, text in (("published", "Events sent to other cluster nodes"),
                           ("received", "Events received from other cluster nodes"),

@@ -57,6 +57,10 @@ def _user_key(user_id: str) -> str:
     return f"kisse:user:{user_id}"
 
 
+def _user_sessions(user_id: str) -> str:
+    return f"kisse:user:{user_id}:sessions"  # hash: device session -> node holding a connection of it
+
+
 def _node_users(node: str) -> str:
     return f"kisse:node:{node}:users"
 
@@ -88,6 +92,7 @@ class RedisBus(Bus):
         self._present: set[str] = set()  # users this node has announced in the directory
         self._reannounce = False  # Redis was away: tell it again who is here
         self._tasks: list[asyncio.Task] = []
+        self._pending: set[asyncio.Task] = set()  # directory writes of connections opening and closing
 
     # -- lifecycle ---------------------------------------------------------------
     async def start(self) -> None:
@@ -120,6 +125,8 @@ class RedisBus(Bus):
 
     async def _leave(self) -> None:
         async with self.redis.pipeline(transaction=False) as pipe:
+            for connection in self.hub.all():
+                pipe.hdel(_user_sessions(connection.user_id), connection.session_id)
             for user_id in self._present:
                 pipe.srem(_user_key(user_id), self.node)
             pipe.delete(_node_users(self.node), _alive_key(self.node))
@@ -175,6 +182,44 @@ class RedisBus(Bus):
             return here
         return here | {u for u, n in nodes.items() if n}
 
+    # -- which devices are connected (push wake-ups go to the others) -----------------
+    def connection_opened(self, connection: Any) -> None:
+        self._spawn(self._safely(self.redis.hset(_user_sessions(connection.user_id), connection.session_id,
+                                                 self.node)))
+
+    def connection_closed(self, connection: Any) -> None:
+        if connection.session_id in self.hub.sessions([connection.user_id]):
+            return  # another connection of that device is still here
+        self._spawn(self._safely(self._forget_session(connection.user_id, connection.session_id)))
+
+    async def _forget_session(self, user_id: str, session_id: str) -> None:
+        # Only if it is still ours: the device may have moved to another node meanwhile.
+        if (await self.redis.hget(_user_sessions(user_id), session_id) or b"").decode() == self.node:
+            await self.redis.hdel(_user_sessions(user_id), session_id)
+
+    async def connected_sessions(self, user_ids: Iterable[str]) -> set[str]:
+        users = list(dict.fromkeys(user_ids))
+        here = self.hub.sessions(users)
+        if not users or self.state != "ok":
+            return here
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for user_id in users:
+                    pipe.hgetall(_user_sessions(user_id))
+                found = await pipe.execute()
+        except (RedisError, OSError):
+            return here
+        self.stats["operations"] += 1
+        # A dead node's entries linger: only a live lease makes an entry count (a node that
+        # started since the last heartbeat is not counted yet: its devices may get a wake-up).
+        return here | {s.decode() for sessions in found for s, node in sessions.items()
+                       if node.decode() in self._alive and node.decode() != self.node}
+
+    def _spawn(self, operation: Any) -> None:
+        task = asyncio.get_running_loop().create_task(operation)
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
     async def present_elsewhere(self, user_id: str) -> bool:
         try:
             return bool((await self._nodes_of([user_id]))[user_id] - {self.node})
@@ -183,6 +228,7 @@ class RedisBus(Bus):
 
     # -- events ------------------------------------------------------------------
     def publish(self, event: Event) -> int:
+        self.published(event)
         delivered = self.deliver(event)
         if event.conn is not None and delivered:
             return delivered  # the one connection it was for is here
@@ -299,6 +345,10 @@ class RedisBus(Bus):
         self._dead = set(nodes) - self._alive - {self.node}
         if self._reannounce:  # Redis was away (or restarted, empty): tell it again who is here
             await self._announce(self._present)
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for connection in self.hub.all():
+                    pipe.hset(_user_sessions(connection.user_id), connection.session_id, self.node)
+                await pipe.execute()
             self._reannounce = False
         for node in set(nodes) - self._alive:
             await self._reap(node)
@@ -309,6 +359,13 @@ class RedisBus(Bus):
         users = [u.decode() for u in await self.redis.smembers(_node_users(node))]
         async with self.redis.pipeline(transaction=False) as pipe:
             for user_id in users:
+                pipe.hgetall(_user_sessions(user_id))
+            sessions = await pipe.execute()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for user_id, held in zip(users, sessions):
+                gone = [s for s, n in held.items() if n.decode() == node]
+                if gone:
+                    pipe.hdel(_user_sessions(user_id), *gone)
                 pipe.srem(_user_key(user_id), node)
             pipe.delete(_node_users(node))
             pipe.srem(NODES, node)

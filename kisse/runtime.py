@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from kisse.calls import CallTimers
     from kisse.contacts import Blocks
     from kisse.forgetting import Forgetting
+    from kisse.push import PushService
     from kisse.limits import Limits
     from kisse.members import Members
     from kisse.metrics import Metrics
@@ -43,6 +44,7 @@ class Runtime:
     blocks: "Blocks" = field(init=False)
     limits: "Limits" = field(init=False)
     forgetting: "Forgetting" = field(init=False)
+    push: "PushService" = field(init=False)
     # REST requests being served now; shutdown waits for them.
     inflight: int = 0
     # Messages whose content is being uploaded to this process right now.

@@ -85,3 +85,12 @@ UPLOAD_KEYS = obj({"registration_id": {"type": "integer", "minimum": 1, "maximum
                    "pq_last_resort_prekey": PQ_PREKEY, **ONE_TIME_PREKEYS},
                   ("registration_id", "identity_key", "signed_prekey", "pq_last_resort_prekey"))
 ADD_PREKEYS = obj(ONE_TIME_PREKEYS)
+
+# -- push registrations (kisse/push/registrations.py checks what each provider needs) -----
+PUSH_PROVIDERS = ("fcm", "apns", "webpush")
+PUSH_TOKEN: Schema = {"type": "string", "minLength": 1, "maxLength": 4096}
+B64URL: Schema = {"type": "string", "minLength": 1, "maxLength": 256, "pattern": "^[A-Za-z0-9_\\-=]+$"}
+SET_PUSH = obj({"provider": {"enum": list(PUSH_PROVIDERS)}, "token": PUSH_TOKEN, "voip_token": PUSH_TOKEN,
+                "endpoint": {"type": "string", "minLength": 8, "maxLength": 2048},
+                "keys": obj({"p256dh": B64URL, "auth": B64URL}, ("p256dh", "auth"))},
+               ("provider",))

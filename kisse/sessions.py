@@ -152,6 +152,7 @@ async def revoke(rt: Runtime, user_id: str, device_id: int | None = None,
     if gone:
         rt.bus.revoke_sessions(user_id, {d["session_id"] for d in gone}, protocol.CLOSE_REVOKED, "device signed out")
         await keys.device_removed(rt, user_id, [d["device_id"] for d in gone])
+        rt.push.changed([user_id])  # their push registrations went with them
     return gone
 
 

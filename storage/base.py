@@ -191,6 +191,23 @@ class Storage(ABC):
         """Delete one device of the user (`device_id`), or all of them but the one
         with session `keep_session`, with their keys; return those deleted."""
 
+    # -- push registrations -----------------------------------------------------------
+    # A device's registration with its platform's push service, in its device record:
+    # `{provider: "fcm" | "apns" | "webpush", token?, voip_token?, endpoint?, keys?}`.
+    @abstractmethod
+    async def set_push(self, session_id: str, registration: Record | None) -> bool:
+        """Set (None: clear) the device's push registration; False if the device is gone."""
+
+    @abstractmethod
+    async def drop_push(self, session_id: str, registration: Record) -> None:
+        """Clear the device's registration if it is still this one (the provider declared
+        it dead; a newer one uploaded meanwhile stays)."""
+
+    @abstractmethod
+    async def push_registrations(self, user_ids: list[str]) -> list[Record]:
+        """`{user_id, device_id, session_id, push}` for the live devices of these users
+        that have a registration."""
+
     # -- the key directory (Signal protocol: public keys only) --------------------
     # Per device session: a bundle `{registration_id, identity_key, signed_prekey,
     # pq_last_resort_prekey}` (keys are bytes; a prekey is `{key_id, public_key,

@@ -240,6 +240,26 @@ class MemoryStorage(Storage):
             self._prekey_ids.pop(device["session_id"], None)
         return [_public_device(d) for d in gone]
 
+    # -- push registrations ---------------------------------------------------------------
+    async def set_push(self, session_id: str, registration: Record | None) -> bool:
+        device = self._sessions.get(session_id)
+        if device is None:
+            return False
+        device["push"] = _copy(registration) if registration else None
+        return True
+
+    async def drop_push(self, session_id: str, registration: Record) -> None:
+        device = self._sessions.get(session_id)
+        if device is not None and device.get("push") == registration:
+            device["push"] = None
+
+    async def push_registrations(self, user_ids: list[str]) -> list[Record]:
+        now = utcnow()
+        return [{"user_id": d["user_id"], "device_id": d["device_id"], "session_id": d["session_id"],
+                 "push": _copy(d["push"])}
+                for user_id in dict.fromkeys(user_ids) for _, d in sorted(self._devices.get(user_id, {}).items())
+                if d.get("push") and d["refresh_expires_at"] > now]
+
     # -- the key directory ------------------------------------------------------------
     async def set_key_bundle(self, session_id: str, bundle: Record) -> tuple[bool, bytes | None]:
         device = self._sessions.get(session_id)

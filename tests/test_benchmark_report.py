@@ -374,3 +374,119 @@ def test_the_relay_with_limits_on_is_measured_against_limits_off() -> None:
     assert row["met"] is False
     # Results from before the limits existed have no such run, and no such row.
     assert not [r for r in build_table({"relay": SUCCESS["relay"]}) if "limits on" in r["metric"]]
+
+
+# Shapes from a `--only push` run (benchmarks/load.py: push_relay, push_burst), trimmed.
+def _push_relay(push: bool, sends_per_s: float, p50: float, p99: float, **extra: Any) -> dict[str, Any]:
+    woken = 50 if push else 0
+    return {"push": push, "features_push": ["webpush"] if push else [], "pairs": 50, "window": 4,
+            "sends_per_s": sends_per_s, "sent_total": 110000, "acked_total": 110000, "latency": _latency(p50, p99),
+            "errors": [], "error_count": 0, "recipients": 50, "registered": woken, "devices_woken": woken,
+            "wakeups_received": woken, "max_wakeups_per_device": 1 if push else 0, "fake_requests": woken,
+            "fake_errors": [], "fake_error_count": 0, "pushes_sent": {"sent": float(woken)} if push else {},
+            "runs_sends_per_s": [sends_per_s], **extra}
+
+
+def _push_burst(workers: int, answer_delay_ms: float, devices: int = 1000) -> dict[str, Any]:
+    return {"devices": devices, "messages": 10, "workers": workers, "answer_delay_ms": answer_delay_ms, "acked": 10,
+            "error_count": 0, "all_woken": True, "devices_woken": devices, "time_to_all_s": 1.731,
+            "first_wake_s": 0.064,
+            "delay": {"count": devices, "p50_ms": 1033.05, "p90_ms": 1611.7, "p99_ms": 1719.46, "max_ms": 1731.44},
+            "wakeups_per_s": 577.6, "cpu": {"wall_s": 1.74, "client_cpu_pct": 68.7, "server_cpu_pct": 86.2},
+            "woken_exactly_once": devices, "woken_more_than_once": 0, "wakeups_received": devices,
+            "payloads": {'{"type": "wake"}': devices}, "fake_error_count": 0, "pushes_sent": {"sent": float(devices)},
+            "dropped_wakeups": 0.0, "metrics": {"kisse_push_queue": 0.0, "kisse_push_dropped_wakeups": 0.0}}
+
+
+PUSH: dict[str, Any] = {
+    "relay": {"on": _push_relay(True, 16107.5, 11.86, 24.12), "off": _push_relay(False, 17266.5, 10.45, 17.74),
+              "on_no_coalescing": _push_relay(True, 11823.4, 15.2, 30.1, wakeups_received=305)},
+    "relay_ratio_by_repeat": [0.869, 1.022, 0.884],
+    "burst": {"workers_4_answer_0ms": _push_burst(4, 0.0), "workers_4_answer_50ms": _push_burst(4, 50.0),
+              "workers_16_answer_50ms": _push_burst(16, 50.0)},
+}
+RELAY_ROW = "push relay, 50 senders x 4 in flight, every recipient offline: acked sends/s, push on"
+BURST = "push burst: 10 msgs to 1,000 offline devices, 4 workers, push service answering at once"
+
+
+def _push_rows(**changes: Any) -> dict[str, dict[str, Any]]:
+    """The push rows of PUSH with `path__to__figure=value` changes."""
+    result = copy.deepcopy(PUSH)
+    for path, value in changes.items():
+        parent = result
+        *keys, last = path.split("__")
+        for key in keys:
+            parent = parent[key]
+        parent[last] = value
+    return {r["metric"]: r for r in build_table({"push": result})}
+
+
+def test_push_rows_judge_the_ratio_and_one_wake_up_per_device() -> None:
+    rows = _push_rows()
+    relay = rows[RELAY_ROW]
+    assert (relay["kisse"], relay["baseline"], relay["baseline_is"], relay["ratio"], relay["target"],
+            relay["met"]) == (16107.5, 17266.5, "push off", 0.93, ">= 0.9x push off", True)
+    p99 = rows["push relay, 50 senders x 4 in flight, every recipient offline: ack latency p99, push on"]
+    assert (p99["kisse"], p99["baseline"], p99["met"]) == (24.12, 17.74, None)
+    woken = rows["push relay: recipients' devices woken, once each (coalescing)"]
+    assert (woken["kisse"], woken["baseline"], woken["met"]) == (50, 50, True)
+    loose = rows["push relay, coalescing off (KISSE_PUSH_COALESCE=0): acked sends/s"]
+    assert (loose["kisse"], loose["ratio"], loose["met"]) == (11823.4, 0.68, None)
+    assert rows["push relay, coalescing off: wake-ups the fake received"]["kisse"] == 305
+    assert rows[f"{BURST}: every device woken after"]["kisse"] == 1.731
+    assert rows[f"{BURST}: every device woken after"]["met"] is None  # a report: the issue sets no target
+    assert [rows[f"{BURST}: per-device delay {q}"]["kisse"] for q in ("p50", "p99", "max")] == [1033.05, 1719.46,
+                                                                                             1731.44]
+    once = rows[f"{BURST}: devices woken exactly once"]
+    assert (once["kisse"], once["baseline"], once["target"], once["met"]) == (1000, 1000, "= 1,000", True)
+    wrong = rows[f"{BURST}: pushes retried, failed or refused + wake-ups dropped"]
+    assert (wrong["kisse"], wrong["met"]) == (0, True) and isinstance(wrong["kisse"], int)
+    assert rows[f"{BURST}: wake-ups/s (CPU: server 86 / load 69 % of a core)"]["kisse"] == 577.6
+    assert rows["push relay: on / off of each repeat (neighbouring runs)"]["kisse"] == "0.87 / 1.02 / 0.88"
+    remote = "push burst: 10 msgs to 1,000 offline devices, 16 workers, push service answering in 50 ms"
+    assert rows[f"{remote}: devices woken exactly once"]["met"] is True
+    table = render_table(list(rows.values()))
+    assert f"| {RELAY_ROW}" in table and "17,266 (push off)" in table
+
+
+def test_push_rows_not_met() -> None:
+    at_once = "burst__workers_4_answer_0ms__"
+    rows = _push_rows(relay__on__sends_per_s=15000.0, relay__on__max_wakeups_per_device=2,
+                      **{f"{at_once}woken_exactly_once": 998, f"{at_once}woken_more_than_once": 2,
+                         f"{at_once}pushes_sent": {"sent": 1000.0, "retry": 3.0}})
+    assert rows[RELAY_ROW]["ratio"] == 0.87 and rows[RELAY_ROW]["met"] is False
+    assert rows["push relay: recipients' devices woken, once each (coalescing)"]["met"] is False
+    assert rows[f"{BURST}: devices woken exactly once"]["met"] is False
+    wrong = rows[f"{BURST}: pushes retried, failed or refused + wake-ups dropped"]
+    assert (wrong["kisse"], wrong["met"]) == (3, False)
+    rows = _push_rows(relay__on__devices_woken=49, relay__on__fake_error_count=1,
+                      **{f"{at_once}all_woken": False, f"{at_once}time_to_all_s": None,
+                         f"{at_once}dropped_wakeups": 5.0})
+    assert rows["push relay: recipients' devices woken, once each (coalescing)"]["met"] is False
+    assert rows[f"{BURST}: every device woken after"]["kisse"] is None
+    assert rows[f"{BURST}: every device woken after"]["met"] is False
+    assert rows[f"{BURST}: pushes retried, failed or refused + wake-ups dropped"]["kisse"] == 5
+    # Without the coalescing-off run (quick results of an older shape): no such rows.
+    rows = _push_rows(relay={"on": PUSH["relay"]["on"], "off": PUSH["relay"]["off"]})
+    assert not [m for m in rows if "coalescing off" in m] and rows[RELAY_ROW]["met"] is True
+
+
+@pytest.mark.parametrize("junk", [None, "n/a", [], {}, True, -1])
+def test_partial_push_results_never_break_the_table(junk: Any) -> None:
+    for path in _paths(PUSH):
+        scenarios = {"push": copy.deepcopy(PUSH), "rest": SUCCESS["rest"]}
+        parent = scenarios["push"]
+        for key in path[:-1]:
+            parent = parent[key]
+        parent[path[-1]] = junk
+        rows = build_table(scenarios)
+        assert render_table(rows)
+        assert rows_named(rows, "REST")
+
+
+def test_a_crashed_push_scenario_is_one_row() -> None:
+    crash = crash_outcome(RuntimeError("kisse: load generator exited 1: RuntimeError: push on wanted, "
+                                       "the server pushes through []"))
+    assert build_table({"push": crash}) == [bench.crashed_row(
+        "push", "RuntimeError: kisse: load generator exited 1: RuntimeError: push on wanted, the server pushes "
+                "through []", ">= 0.9x push off, each device woken once")]

@@ -44,6 +44,7 @@ from storage.mongo.calls import CallsMixin
 from storage.mongo.conversations import ConversationsMixin
 from storage.mongo.devices import DevicesMixin
 from storage.mongo.keys import KeysMixin
+from storage.mongo.push import PushMixin
 from storage.mongo.messages import MessagesMixin
 
 __all__ = ["MongoStorage"]
@@ -98,7 +99,7 @@ def bounded(cls: type) -> type:
 
 
 @bounded
-class MongoStorage(ConversationsMixin, MessagesMixin, CallsMixin, DevicesMixin, KeysMixin, Storage):
+class MongoStorage(ConversationsMixin, MessagesMixin, CallsMixin, DevicesMixin, KeysMixin, PushMixin, Storage):
     """Kisse's storage on MongoDB (or anything speaking its wire protocol)."""
 
     unavailable_errors = (

@@ -1,0 +1,48 @@
+"""What every push provider speaks: a content-free `Wake` in, a `Result` out.
+
+A push says "wake up" and nothing more (docs/SECURITY.md): a type (`wake` for
+a message, `call` for an incoming call, `call_end` to stop the ringing) and,
+for calls, the opaque call id the phone needs to show the call screen. No
+conversation, sender, message id, ciphertext or count ever leaves the server.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+WakeKind = Literal["wake", "call", "call_end"]
+Outcome = Literal["sent", "retry", "dead", "failed"]
+
+
+@dataclass(frozen=True, slots=True)
+class Wake:
+    kind: WakeKind
+    call_id: str | None = None
+    urgent: bool = False   # calls: APNs priority 10 / VoIP, FCM high priority, Web Push Urgency: high
+    ttl: int = 3600        # seconds the platform may keep it for a device that is off (calls: the ring timeout)
+    collapse: str = "wake"  # the platform keeps only the latest push of one collapse key per device
+
+    def payload(self) -> dict[str, Any]:
+        """The whole of what the phone receives."""
+        return {"type": self.kind, **({"call_id": self.call_id} if self.call_id else {})}
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    outcome: Outcome
+    status: int | None = None           # the provider's HTTP status, if it answered
+    retry_after: float | None = None    # seconds, from Retry-After (429, 5xx)
+    reason: str | None = None           # the provider's error name, never the token
+
+
+class Provider(Protocol):
+    """One push service. `send` never raises for the provider's answers or a timeout:
+    it returns `retry` (429, 5xx, timeout, connection refused), `dead` (the
+    registration is gone for good: drop it) or `failed` (a 4xx that retrying will
+    not mend); `sent` on 2xx."""
+
+    name: str  # "fcm" | "apns" | "webpush"
+
+    async def send(self, registration: dict[str, Any], wake: Wake) -> Result: ...
+
+    async def close(self) -> None: ...
