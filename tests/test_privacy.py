@@ -5,7 +5,8 @@ every encoding a server could use for what must not be there.
 
 The session: accounts (one deleted at the end), messages with inline ciphertext
 and uploaded content, receipts, a call with signalling, typing, presence, keys in
-the directory, and disappearing messages that expire. The clients "encrypt" with
+the directory, a Web Push registration (and a wake-up through it), and
+disappearing messages that expire. The clients "encrypt" with
 a key the server never sees, so a plaintext found in storage would mean the
 server kept something a client gave it in clear (it never is given one: the
 search for plaintexts is the sanity floor; passwords, tokens, signalling, private
@@ -22,6 +23,7 @@ import pytest
 
 from tests.client import WAIT, Ws
 from tests.dump import dump, holds
+from tests.fake_webpush import FakeWebPush
 from tests.prekeys import DeviceKeys
 
 pytestmark = pytest.mark.gen_test(timeout=90)
@@ -70,6 +72,11 @@ async def test_a_storage_dump_holds_no_secret_no_expired_and_no_deleted_data(api
     ta, tb, td = a["token"], b["token"], d["token"]
     conversation = await api.conversation(ta, b["user"])
     cid = conversation["id"]
+    # Dave's phone sleeps, registered for Web Push (its private key stays on the phone).
+    webpush = FakeWebPush()
+    await webpush.start()
+    subscription = webpush.subscribe()
+    assert (await api.call("PUT", "/api/push", td, {"provider": "webpush", **subscription}))[0] == 204
     wa, wb = await Ws.connect(ws_url, ta), await Ws.connect(ws_url, tb)
     for ws in (wa, wb):
         await ws.ok("sync")
@@ -101,10 +108,15 @@ async def test_a_storage_dump_holds_no_secret_no_expired_and_no_deleted_data(api
     daves = dave.encrypt("dave was here")
     daves_file = dave.encrypt("dave's file")
     await api.send(td, with_dave["id"], "d1", b64(daves))
+    await api.send(ta, with_dave["id"], "a1", b64(alice.encrypt("hi dave")))
+    woken = await webpush.wait_for(subscription, 1, WAIT)  # the phone was woken through its provider
+    assert woken[0].json() == {"type": "wake"}
+    push_private_key = webpush._sub(subscription).private_key.private_numbers().private_value.to_bytes(32, "big")
     await upload(api, td, (await api.send(td, with_dave["id"], "d2"))["id"], daves_file)
     assert (await api.call("DELETE", "/api/auth/me", td, {"password": dave.password}))[0] == 204
     for ws in (wa, wb):
         ws.close()
+    await webpush.stop()
 
     # Expiry: measured from expires_at to the moment the dump no longer holds them.
     expires_at = max(_timestamp(m["expires_at"]) for m in (fleeting_message, fleeting_upload))
@@ -128,7 +140,9 @@ async def test_a_storage_dump_holds_no_secret_no_expired_and_no_deleted_data(api
         "passwords": [c.password.encode() for c in (alice, bob, dave)],
         "access tokens": [c.session["token"].encode() for c in (alice, bob, dave)],
         "refresh tokens": [c.session["refresh_token"].encode() for c in (alice, bob, dave)],
-        "private keys": [c.keys.private_key for c in (alice, bob, dave)],
+        "private keys": [c.keys.private_key for c in (alice, bob, dave)] + [push_private_key],
+        "the deleted account's push subscription": [subscription["endpoint"].encode(),
+                                                    subscription["keys"]["auth"].encode()],
         "end-to-end keys": [c.key for c in (alice, bob, dave)],
         "call signalling": [sdp.encode()],
         "server secrets": [settings.jwt_secret.encode(), settings.turn_secret.encode()],
