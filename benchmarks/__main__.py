@@ -762,6 +762,10 @@ def _push_rows(ps: Any) -> list[Row]:
     if paired:
         rows.append(_row("push relay: on / off of each repeat (neighbouring runs)", " / ".join(paired), None, "-",
                          "ratio", "report", None))
+    others = [_num(_get(run, "cpu", "others_cpu_pct")) for run in (on, off)]
+    if all(v is not None for v in others):  # results from before it was measured have none
+        rows.append(_row("push relay: other processes' CPU in the median runs' windows (on / off)",
+                         " / ".join(f"{v:.0f}" for v in others), None, "-", "% of a core", "~0 (else noise)", None))
     for q in ("p50_ms", "p99_ms"):
         rows.append(_row(f"{name}: ack latency {q[:3]}, push on", _get(on, "latency", q), _get(off, "latency", q),
                          "push off", "ms", "report", None))

@@ -1192,6 +1192,20 @@ async def register_push(api: "Kisse", fake: Any, tokens: list[str], concurrency:
     return subs
 
 
+def _machine_jiffies() -> tuple[int, int]:
+    """(all, busy) CPU jiffies of the whole machine, from /proc/stat."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:]]
+    return sum(values), sum(values) - values[3] - values[4]  # idle and iowait are not busy
+
+
+def _others_cpu(before: tuple[int, int], cpu: dict[str, float]) -> float:
+    """% of one core the rest of the machine used since `before`: busy, less this process and the server."""
+    total, busy = _machine_jiffies()
+    machine = 100 * (os.cpu_count() or 1) * (busy - before[1]) / max(total - before[0], 1)
+    return round(max(0.0, machine - cpu["client_cpu_pct"] - cpu["server_cpu_pct"]), 1)
+
+
 def _wakes_by_endpoint(fake: Any, start: int = 0) -> dict[str, list[Any]]:
     """The pushes the fake accepted (2xx; from its `start`-th), by subscription endpoint, in arrival order."""
     out: dict[str, list[Any]] = {}
@@ -1293,12 +1307,14 @@ async def push_relay(p: dict[str, Any]) -> dict[str, Any]:
             first_wakes = _wakes_by_endpoint(fake)
             meter = CpuMeter(p["server_pid"])
             meter.start()
+            machine = _machine_jiffies()
             t_start = perf()
             done_at = t_start + p["duration"]
             while perf() < done_at and any(s.next < s.max_messages for s in senders):
                 await asyncio.sleep(0.05)
             t_end = perf()
             cpu = meter.stop()
+            cpu["others_cpu_pct"] = _others_cpu(machine, cpu)  # anything else running takes the server's cores
             for sender in senders:
                 sender.stopped = True
             await asyncio.sleep(0.5)  # the last acks, and the wake-ups of the last plans

@@ -384,6 +384,8 @@ def _push_relay(push: bool, sends_per_s: float, p50: float, p99: float, **extra:
             "errors": [], "error_count": 0, "recipients": 50, "registered": woken, "devices_woken": woken,
             "wakeups_received": woken, "max_wakeups_per_device": 1 if push else 0, "fake_requests": woken,
             "fake_errors": [], "fake_error_count": 0, "pushes_sent": {"sent": float(woken)} if push else {},
+            "cpu": {"wall_s": 6.04, "client_cpu_pct": 26.6, "server_cpu_pct": 99.8,
+                    "others_cpu_pct": 1.5 if push else 0.0},
             "runs_sends_per_s": [sends_per_s], **extra}
 
 
@@ -443,6 +445,8 @@ def test_push_rows_judge_the_ratio_and_one_wake_up_per_device() -> None:
     assert (wrong["kisse"], wrong["met"]) == (0, True) and isinstance(wrong["kisse"], int)
     assert rows[f"{BURST}: wake-ups/s (CPU: server 86 / load 69 % of a core)"]["kisse"] == 577.6
     assert rows["push relay: on / off of each repeat (neighbouring runs)"]["kisse"] == "0.87 / 1.02 / 0.88"
+    others = rows["push relay: other processes' CPU in the median runs' windows (on / off)"]
+    assert (others["kisse"], others["unit"], others["met"]) == ("2 / 0", "% of a core", None)
     remote = "push burst: 10 msgs to 1,000 offline devices, 16 workers, push service answering in 50 ms"
     assert rows[f"{remote}: devices woken exactly once"]["met"] is True
     table = render_table(list(rows.values()))
@@ -469,6 +473,8 @@ def test_push_rows_not_met() -> None:
     # Without the coalescing-off run (quick results of an older shape): no such rows.
     rows = _push_rows(relay={"on": PUSH["relay"]["on"], "off": PUSH["relay"]["off"]})
     assert not [m for m in rows if "coalescing off" in m] and rows[RELAY_ROW]["met"] is True
+    rows = _push_rows(relay__off__cpu={"server_cpu_pct": 99.0})  # no other-CPU reading: no such row
+    assert not [m for m in rows if "other processes" in m]
 
 
 @pytest.mark.parametrize("junk", [None, "n/a", [], {}, True, -1])
