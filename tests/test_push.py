@@ -195,7 +195,9 @@ async def test_a_hanging_provider_never_slows_a_send(api, fakes):
         started = time.monotonic()
         await api.send(sender["token"], conversation["id"], f"m{n}", "AAEC")
         timings.append(time.monotonic() - started)
-    assert max(timings) < 0.5, timings  # the provider holds its request for 10 s
+    # The provider holds each request for 10 s and the push timeout is 1 s: a send
+    # that waited for it would take a second at least.
+    assert max(timings) < 0.8, timings
 
 
 async def test_a_signed_out_device_is_pushed_no_more(api, fakes, storage):
