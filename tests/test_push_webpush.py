@@ -17,7 +17,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from config.settings import SettingsError
 from kisse.push import webpush
 from kisse.push.provider import Wake
-from kisse.push.webpush import WebPush, WebPushOff, parse_subscription, retry_after, topic
+from kisse.push.provider import retry_after
+from kisse.push.webpush import WebPush, WebPushOff, parse_subscription, topic
 from tests.conftest import with_settings
 from tests.fake_webpush import FakeWebPush
 

@@ -507,7 +507,6 @@ def _check_frame(frame: dict, direction: str = "send") -> None:
 @pytest.mark.parametrize("settings", [with_settings(max_devices=3, refresh_race_grace=0.5)], ids=["sessions"])
 @pytest.mark.gen_test(timeout=30)
 async def test_live_rest_responses_match_openapi(api) -> None:
-    from tests.client import Api  # noqa: F401  (the fixture's type)
     c = Checked(api)
     assert (await c.call("GET", "/healthz"))[0] == 200
     assert (await c.call("GET", "/readyz"))[0] == 200

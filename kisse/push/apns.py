@@ -45,7 +45,6 @@ Device tokens are capabilities: they are never logged.
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import hashlib
 import json
 import logging
@@ -60,7 +59,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from config.settings import Settings, SettingsError
-from kisse.push.provider import Result, Wake
+from kisse.push.provider import Result, Wake, retry_after, ssl_context
 
 log = logging.getLogger("kisse.push.apns")
 
@@ -100,21 +99,6 @@ def load_key(path: str) -> ec.EllipticCurvePrivateKey:
     return key
 
 
-def ssl_context(settings: Settings) -> ssl.SSLContext:
-    """The public CAs httpx trusts by default (certifi), plus KISSE_PUSH_CA_FILE when set."""
-    try:
-        import certifi
-        context = ssl.create_default_context(cafile=certifi.where())
-    except ImportError:  # pragma: no cover - httpx depends on certifi
-        context = ssl.create_default_context()
-    if settings.push_ca_file:
-        try:
-            context.load_verify_locations(cafile=settings.push_ca_file)
-        except (OSError, ssl.SSLError) as exc:
-            raise SettingsError(f"KISSE_PUSH_CA_FILE: cannot load {settings.push_ca_file!r}: {exc}") from None
-    return context
-
-
 def collapse_id(collapse: str) -> str | None:
     """`apns-collapse-id`: the key itself when it is short printable ASCII, else its SHA-256 in hex
     (64 characters, Apple's limit); None for an empty key (no collapsing)."""
@@ -124,22 +108,6 @@ def collapse_id(collapse: str) -> str | None:
     if len(raw) <= MAX_COLLAPSE_ID and all(0x21 <= b <= 0x7E for b in raw):
         return collapse
     return hashlib.sha256(raw).hexdigest()
-
-
-def retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Seconds from a Retry-After header: delta-seconds or an HTTP date; None if absent or unreadable."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when is None or when.tzinfo is None:
-        return None
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
 class APNs:
@@ -173,7 +141,7 @@ class APNs:
         self._client = httpx.AsyncClient(
             http1=False, http2=True,  # Apple speaks HTTP/2 only
             timeout=httpx.Timeout(settings.push_timeout),
-            verify=ssl_context(settings),
+            verify=ssl_context(settings.push_ca_file),
             follow_redirects=False,
             headers={"User-Agent": "Kisse"},
             # One connection carries many concurrent streams; keep it open between bursts.

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import email.utils
 import json
 import logging
 import ssl
@@ -35,7 +34,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import quote
 
-import certifi
 import google.auth.exceptions
 import google.auth.transport.requests
 import httpx
@@ -43,20 +41,12 @@ import requests
 import requests.adapters
 from google.oauth2 import service_account
 
-from kisse.push.provider import Result, Wake
+from kisse.push.provider import Result, Wake, retry_after, ssl_context
 
 log = logging.getLogger("kisse.push.fcm")
 SCOPE = "https://www.googleapis.com/auth/firebase.messaging"
 GOOGLE_TOKEN_URI = "https://oauth2.googleapis.com/token"
 REFRESH_EARLY = 60.0  # seconds before expiry a token is replaced (a quarter of its life if that is shorter)
-
-
-def _ssl_context(ca_file: str) -> ssl.SSLContext:
-    """The public CAs (certifi, as httpx and requests use by default) plus `ca_file`, if set."""
-    context = ssl.create_default_context(cafile=certifi.where())
-    if ca_file:
-        context.load_verify_locations(cafile=ca_file)
-    return context
 
 
 class _ContextAdapter(requests.adapters.HTTPAdapter):
@@ -101,7 +91,7 @@ class _AccessTokens:
         self._credentials = service_account.Credentials.from_service_account_info(info, scopes=[SCOPE])
         self._session = requests.Session()
         if ca_file:
-            self._session.mount("https://", _ContextAdapter(_ssl_context(ca_file)))
+            self._session.mount("https://", _ContextAdapter(ssl_context(ca_file)))
         self._request = _TimedRequest(self._session, timeout)
         # Two threads: a refresh abandoned after its timeout may still be finishing in one.
         self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kisse-fcm-oauth")
@@ -164,24 +154,6 @@ def _oauth_error(error: Exception) -> str:
     return "refused"
 
 
-def _retry_after(value: str | None) -> float | None:
-    """Retry-After: delta-seconds or an HTTP date (RFC 9110 §10.2.3), in seconds from now."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=datetime.timezone.utc)
-    return max(0.0, (when - datetime.datetime.now(datetime.timezone.utc)).total_seconds())
-
-
 def _error(response: httpx.Response) -> dict[str, Any]:
     """FCM's `error` object, or {} when the answer is not FCM's JSON."""
     try:
@@ -236,7 +208,7 @@ class FCM:
         self._url = (f"{settings.push_fcm_url.rstrip('/')}/v1/projects/"
                      f"{quote(self.project_id, safe='')}/messages:send")
         self._tokens = _AccessTokens(info, settings.push_ca_file, self._timeout)
-        self._client = httpx.AsyncClient(timeout=self._timeout, verify=_ssl_context(settings.push_ca_file),
+        self._client = httpx.AsyncClient(timeout=self._timeout, verify=ssl_context(settings.push_ca_file),
                                          follow_redirects=False)
 
     @property
@@ -299,7 +271,7 @@ class FCM:
                 and _about_token(error):
             return Result("dead", status, reason="INVALID_ARGUMENT")
         if status == 429 or status >= 500:
-            return Result("retry", status, retry_after=_retry_after(response.headers.get("Retry-After")),
+            return Result("retry", status, retry_after=retry_after(response.headers.get("Retry-After")),
                           reason=reason)
         # 400 about our message, 401 after a fresh token, 403 (SENDER_ID_MISMATCH: the token is another
         # Firebase project's, which is a misconfiguration more often than a dead registration), ...

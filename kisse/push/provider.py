@@ -7,8 +7,16 @@ conversation, sender, message id, ciphertext or count ever leaves the server.
 """
 from __future__ import annotations
 
+import datetime
+import email.utils
+import ssl
+import time
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
+
+import certifi
+
+from config.settings import SettingsError
 
 WakeKind = Literal["wake", "call", "call_end"]
 Outcome = Literal["sent", "retry", "dead", "failed"]
@@ -46,3 +54,34 @@ class Provider(Protocol):
     async def send(self, registration: dict[str, Any], wake: Wake) -> Result: ...
 
     async def close(self) -> None: ...
+
+
+def ssl_context(ca_file: str) -> ssl.SSLContext:
+    """The public CAs (certifi, as httpx and requests use by default), plus
+    `ca_file` (KISSE_PUSH_CA_FILE) when set."""
+    context = ssl.create_default_context(cafile=certifi.where())
+    if ca_file:
+        try:
+            context.load_verify_locations(cafile=ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise SettingsError(f"KISSE_PUSH_CA_FILE: cannot load {ca_file!r}: {exc}") from None
+    return context
+
+
+def retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds from a Retry-After header, delta-seconds or an HTTP date (RFC 9110
+    §10.2.3; a date without a zone is UTC); None if absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))

@@ -19,14 +19,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import email.utils
 import hashlib
 import http
 import json
 import logging
 import os
 import re
-import ssl
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -41,7 +39,7 @@ from py_vapid import Vapid
 from py_vapid.jwt import sign as vapid_sign
 
 from config.settings import Settings, SettingsError
-from kisse.push.provider import Result, Wake
+from kisse.push.provider import Result, Wake, retry_after, ssl_context
 
 log = logging.getLogger("kisse.push.webpush")
 
@@ -81,22 +79,6 @@ def topic(collapse: str) -> str:
     base64 alphabet. Always a hash, so whatever the key holds, the push service (which
     reads the header in clear) learns only that two pushes share it."""
     return b64url(hashlib.sha256(collapse.encode()).digest())[:32]
-
-
-def retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Seconds from a Retry-After header: delta-seconds or an HTTP date; None if absent or unreadable."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when is None or when.tzinfo is None:
-        return None
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,21 +172,6 @@ def _generated_key() -> Vapid:
     return _generated
 
 
-def ssl_context(settings: Settings) -> ssl.SSLContext:
-    """The public CAs httpx trusts by default (certifi), plus KISSE_PUSH_CA_FILE when set."""
-    try:
-        import certifi
-        context = ssl.create_default_context(cafile=certifi.where())
-    except ImportError:  # pragma: no cover - httpx depends on certifi
-        context = ssl.create_default_context()
-    if settings.push_ca_file:
-        try:
-            context.load_verify_locations(cafile=settings.push_ca_file)
-        except (OSError, ssl.SSLError) as exc:
-            raise SettingsError(f"KISSE_PUSH_CA_FILE: cannot load {settings.push_ca_file!r}: {exc}") from None
-    return context
-
-
 class WebPush:
     """The Web Push provider (kisse/push/provider.py's `Provider`)."""
 
@@ -243,7 +210,7 @@ class WebPush:
             httpx_log.setLevel(logging.WARNING)
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(settings.push_timeout),
-            verify=ssl_context(settings),
+            verify=ssl_context(settings.push_ca_file),
             follow_redirects=False,
             headers={"User-Agent": "Kisse"},
             limits=httpx.Limits(max_connections=max(10, settings.push_workers * 2),

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from kisse.app import make_app, shutdown, startup
+from kisse.app import make_app, startup
 from tests.client import Ws
 from tests.conftest import with_settings
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from kisse.validation import MAX_PROPERTIES
-from tests.client import Ws, pair
+from tests.client import pair
 from tests.conftest import with_settings
 
 pytestmark = pytest.mark.gen_test

@@ -1,7 +1,6 @@
 """A send that failed part-way is answered by its retry: once, in order, published once."""
 from __future__ import annotations
 
-import asyncio
 
 import pytest
 
