@@ -87,9 +87,7 @@ async def add_members(rt: Runtime, admin_id: str, conversation_id: str, user_ids
         others = [m for m in _accepted(conversation) if m not in added]
         rt.bus.send(others, "member.added", {"conversation_id": conversation_id, "user_ids": added,
                                                 "by": admin_id})
-        for user_id in added:
-            rt.bus.send([user_id], "conversation.request",
-                           await messaging.conversation_view(rt, conversation, user_id))
+        await messaging.send_requests(rt, conversation, added)
     return {"conversation": await messaging.conversation_view(rt, conversation, admin_id), "added": added}
 
 

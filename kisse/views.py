@@ -38,8 +38,12 @@ def parse_page_cursor(raw: str | None) -> tuple[datetime, str] | None:
 
 
 def user_view(user: Record) -> dict[str, Any]:
-    view = {"id": user["id"], "username": user["username"],
-            "display_name": user["display_name"], "created_at": iso(user["created_at"])}
+    return {**member_view(user), "created_at": iso(user["created_at"])}
+
+
+def member_view(user: Record) -> dict[str, Any]:
+    """A user as a conversation's participant list shows them (no `created_at`)."""
+    view = {"id": user["id"], "username": user["username"], "display_name": user["display_name"]}
     if user.get("deleted"):
         view["deleted"] = True
     return view
