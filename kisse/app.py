@@ -15,7 +15,8 @@ from kisse.bus import BLOCKS_CHANGED, CONVERSATION_CHANGED, make_bus
 from kisse.contacts import Blocks
 from kisse.forgetting import Forgetting
 from kisse.push import PushService
-from kisse import limits
+from kisse import heartbeat, limits
+from kisse.heartbeat import Heartbeat
 from kisse.limits import Limits
 from kisse.members import Members
 from kisse.metrics import Metrics
@@ -51,6 +52,7 @@ def make_app(settings: Settings, storage: Storage) -> tornado.web.Application:
     """Build the application; `await startup(app)` before serving."""
     rt = Runtime(settings=settings, storage=storage)
     rt.bus = make_bus(settings, rt.hub)
+    rt.heartbeat = Heartbeat(settings.ws_ping)
     rt.hub.on_connection_added.append(rt.bus.connection_opened)
     rt.hub.on_connection_closed.append(rt.bus.connection_closed)
     rt.presence = PresenceTracker(rt)
@@ -92,6 +94,7 @@ async def startup(app: tornado.web.Application) -> None:
     rt.forgetting.start()
     rt.push.start()
     rt.tasks.every(limits.SWEEP_EVERY, rt.limits.sweep, "rate-limit sweep", first_after=limits.SWEEP_EVERY)
+    rt.tasks.every(rt.heartbeat.interval / heartbeat.SLOTS, rt.heartbeat.visit, "heartbeat")
 
 
 async def shutdown(app: tornado.web.Application, grace: float = 10.0) -> None:

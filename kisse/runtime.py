@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from config.settings import Settings
 from kisse.bus import Bus
+from kisse.heartbeat import Heartbeat
 from kisse.hub import Hub
 from kisse.tasks import Background
 from storage.base import Storage
@@ -45,6 +46,7 @@ class Runtime:
     limits: "Limits" = field(init=False)
     forgetting: "Forgetting" = field(init=False)
     push: "PushService" = field(init=False)
+    heartbeat: Heartbeat = field(init=False)
     # REST requests being served now; shutdown waits for them.
     inflight: int = 0
     # Messages whose content is being uploaded to this process right now.
