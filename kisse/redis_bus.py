@@ -16,9 +16,13 @@ Routing is by where users are connected, never a broadcast of every event:
 Per event: one pipelined read of the recipients' directory entries (two
 users for a direct message) and one PUBLISH per remote node that has
 recipients. Per connection: one SADD when a user's first connection on the
-node opens, one SREM when their grace ends. Events queue in order, in one
-bounded queue, and leave in batches: a batch costs two round trips whatever
-its size.
+node opens, one SREM when their grace ends, and an HSET / HDEL of the
+device session (push wake-ups go to devices connected nowhere). These
+directory writes leave in batches too, one pipeline at a time: a burst of
+connections opening costs a few round trips on one Redis connection, not a
+command, a task and a pooled connection each (the pool grew to the burst's
+concurrency). Events queue in order, in one bounded queue, and leave in
+batches: a batch costs two round trips whatever its size.
 
 A node found dead (its lease gone) is reaped by one live node (a lock): its
 users are removed from the directory, and those present nowhere else go
@@ -92,7 +96,16 @@ class RedisBus(Bus):
         self._present: set[str] = set()  # users this node has announced in the directory
         self._reannounce = False  # Redis was away: tell it again who is here
         self._tasks: list[asyncio.Task] = []
-        self._pending: set[asyncio.Task] = set()  # directory writes of connections opening and closing
+        # Directory writes not sent yet: a user joining (True) or leaving (False) this
+        # node, a device session connected here (True) or no longer (False).
+        self._users_due: dict[str, bool] = {}
+        self._sessions_due: dict[tuple[str, str], bool] = {}
+        self._written: asyncio.Future[None] | None = None  # resolved once the due writes are sent
+        self._writer: asyncio.Task[None] | None = None
+        # HDEL only if the entry is still this node's: the device may have moved on.
+        self._forget_session = self.redis.register_script(
+            "if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then"
+            " return redis.call('HDEL', KEYS[1], ARGV[1]) end return 0")
 
     # -- lifecycle ---------------------------------------------------------------
     async def start(self) -> None:
@@ -112,11 +125,13 @@ class RedisBus(Bus):
         for the lease), disconnect: each step bounded, so a stop never hangs on Redis."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + CLOSE_WITHIN
-        pending = set(self._tasks)
+        pending = set(self._tasks) | ({self._writer} if self._writer else set())
         while pending and loop.time() < deadline:  # a cancellation inside a command may not take at once
             for task in pending:
                 task.cancel()
             _, pending = await asyncio.wait(pending, timeout=0.5)
+        if self._written is not None and not self._written.done():
+            self._written.set_result(None)  # nobody waits on writes _leave makes moot
         for step in (self._leave, self.redis.aclose):
             try:
                 await asyncio.wait_for(step(), REDIS_TIMEOUT)
@@ -140,17 +155,63 @@ class RedisBus(Bus):
     # -- the directory -------------------------------------------------------------
     async def joined(self, user_id: str) -> None:
         self._present.add(user_id)
-        await self._safely(self._announce([user_id]))
+        self._users_due[user_id] = True
+        await self._write_soon()
 
     async def left(self, user_id: str) -> None:
         self._present.discard(user_id)
+        self._users_due[user_id] = False
+        await self._write_soon()
 
-        async def remove() -> None:
-            async with self.redis.pipeline(transaction=False) as pipe:
+    def _write_soon(self) -> asyncio.Future[None]:
+        """The due directory writes go with the next batch: resolved once it is sent,
+        or once Redis failed it (the bus is degraded then, and re-announces later)."""
+        loop = asyncio.get_running_loop()
+        if self._written is None:
+            self._written = loop.create_future()
+        if self._writer is None:
+            self._writer = loop.create_task(self._write_directory())
+        return self._written
+
+    async def _write_directory(self) -> None:
+        """Send the due writes, one pipeline at a time, until none is left."""
+        try:
+            while self._written is not None:
+                written, self._written = self._written, None
+                users, self._users_due = self._users_due, {}
+                sessions, self._sessions_due = self._sessions_due, {}
+                try:
+                    await self._write(users, sessions)
+                except (RedisError, OSError) as error:
+                    self._degraded(error)
+                except Exception:  # a bug: lose these writes (re-announced later), not the writer
+                    log.exception("redis bus could not write the directory")
+                    self._reannounce = True
+                finally:
+                    if not written.done():
+                        written.set_result(None)
+        finally:
+            self._writer = None
+
+    async def _write(self, users: dict[str, bool], sessions: dict[tuple[str, str], bool]) -> None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            joined = [u for u, here in users.items() if here]
+            gone = [u for u, here in users.items() if not here]
+            for user_id in joined:
+                pipe.sadd(_user_key(user_id), self.node)
+            for user_id in gone:
                 pipe.srem(_user_key(user_id), self.node)
-                pipe.srem(_node_users(self.node), user_id)
-                await pipe.execute()
-        await self._safely(remove())
+            if joined:
+                pipe.sadd(_node_users(self.node), *joined)
+            if gone:
+                pipe.srem(_node_users(self.node), *gone)
+            for (user_id, session_id), here in sessions.items():
+                if here:
+                    pipe.hset(_user_sessions(user_id), session_id, self.node)
+                else:
+                    await self._forget_session(keys=[_user_sessions(user_id)], args=[session_id, self.node],
+                                               client=pipe)  # queued, like the rest
+            await pipe.execute()
 
     async def _announce(self, user_ids: Iterable[str]) -> None:
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -184,18 +245,14 @@ class RedisBus(Bus):
 
     # -- which devices are connected (push wake-ups go to the others) -----------------
     def connection_opened(self, connection: Any) -> None:
-        self._spawn(self._safely(self.redis.hset(_user_sessions(connection.user_id), connection.session_id,
-                                                 self.node)))
+        self._sessions_due[(connection.user_id, connection.session_id)] = True
+        self._write_soon()
 
     def connection_closed(self, connection: Any) -> None:
         if connection.session_id in self.hub.sessions([connection.user_id]):
             return  # another connection of that device is still here
-        self._spawn(self._safely(self._forget_session(connection.user_id, connection.session_id)))
-
-    async def _forget_session(self, user_id: str, session_id: str) -> None:
-        # Only if it is still ours: the device may have moved to another node meanwhile.
-        if (await self.redis.hget(_user_sessions(user_id), session_id) or b"").decode() == self.node:
-            await self.redis.hdel(_user_sessions(user_id), session_id)
+        self._sessions_due[(connection.user_id, connection.session_id)] = False
+        self._write_soon()
 
     async def connected_sessions(self, user_ids: Iterable[str]) -> set[str]:
         users = list(dict.fromkeys(user_ids))
@@ -214,11 +271,6 @@ class RedisBus(Bus):
         # started since the last heartbeat is not counted yet: its devices may get a wake-up).
         return here | {s.decode() for sessions in found for s, node in sessions.items()
                        if node.decode() in self._alive and node.decode() != self.node}
-
-    def _spawn(self, operation: Any) -> None:
-        task = asyncio.get_running_loop().create_task(operation)
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
 
     async def present_elsewhere(self, user_id: str) -> bool:
         try:
@@ -379,12 +431,6 @@ class RedisBus(Bus):
                         listener(user_id)
 
     # -- state ---------------------------------------------------------------------
-    async def _safely(self, operation: Any) -> None:
-        try:
-            await operation
-        except (RedisError, OSError) as error:
-            self._degraded(error)
-
     def _ok(self) -> None:
         if self.state != "ok":
             log.warning("redis bus is back")
