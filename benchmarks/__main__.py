@@ -740,6 +740,12 @@ def _cluster_rows(c: Any) -> list[Row]:
                      "bytes", f"<= {CLUSTER_IDLE_RATIO:g}x bare", _check(_ratio(kb, bb), lambda r: r <= CLUSTER_IDLE_RATIO)))
     rows.append(_row(f"cluster idle conns_{_fmt(count)}, same MongoDB, no KISSE_BUS", nb, bb, "bare relay", "bytes",
                      "report", None))
+    km, bm = _get(idle, "kisse", "marginal_bytes_per_conn"), _get(idle, "bare", "marginal_bytes_per_conn")
+    rows.append(_row(f"cluster idle conns_{_fmt(count)}, KISSE_BUS node: RSS per connection of the second half",
+                     km, bm, "bare relay, second half", "bytes", "report", None))
+    before, after = _get(idle, "kisse", "outbound_before"), _get(idle, "kisse", "outbound_after")
+    rows.append(_row(f"cluster idle conns_{_fmt(count)}, KISSE_BUS node: its own connections (MongoDB pool, Redis), "
+                     "before / after", f"{before} / {after}", None, "-", "conns", "report", None))
     kc = _get(idle, "kisse", "connected")
     rows.append(_row(f"cluster idle conns_{_fmt(count)}: connections reached", kc, _get(idle, "bare", "connected"),
                      "bare relay", "conns", f"= {_fmt(count)}", _check(kc, lambda v: v == _num(count))))

@@ -23,7 +23,7 @@ from typing import Any
 
 import aiohttp
 
-from benchmarks.procs import HOST, cpu_seconds, own_cpu_seconds, proc_status, raise_nofile, rss
+from benchmarks.procs import HOST, cpu_seconds, outbound_connections, own_cpu_seconds, proc_status, raise_nofile, rss
 
 perf = time.perf_counter
 PASSWORD = "benchmark-password"
@@ -313,26 +313,40 @@ async def idle(p: dict[str, Any]) -> dict[str, Any]:
             tokens = [t[0] for t in tokens if not isinstance(t, BaseException)]
         setup_s = perf() - t0
         await asyncio.sleep(p["settle"])
-        rss_before = rss(pid)
+        port = int(p["base"].rsplit(":", 1)[1])
+        rss_before, outbound_before = rss(pid), outbound_connections(pid, port)
 
         async def one(i: int) -> Any:
             if kind == "kisse":
                 return await api.connect(tokens[i])
             return await session.ws_connect(f"{api.ws_base}/ws?pair={i}&side=a", compress=0, heartbeat=None)
+        total = min(count, len(tokens)) if kind == "kisse" else count
+        half = total // 2
+        # In two halves, RSS read after each: the second half's growth is what one more
+        # idle connection costs, without what the first connections' burst left behind
+        # for good (a storage pool grown to the burst's concurrency, allocator arenas).
         t0 = perf()
-        results = await bounded_gather(64, [lambda i=i: one(i) for i in range(min(count, len(tokens)) if kind == "kisse" else count)])
+        results = await bounded_gather(64, [lambda i=i: one(i) for i in range(half)])
+        await asyncio.sleep(2 * p["settle"])  # let presence updates and buffers settle
+        rss_mid = rss(pid)
+        results += await bounded_gather(64, [lambda i=i: one(i) for i in range(half, total)])
         connect_s = perf() - t0
         sockets = [r for r in results if not isinstance(r, BaseException)]
         failures = [repr(r)[:200] for r in results if isinstance(r, BaseException)]
-        await asyncio.sleep(2 * p["settle"])  # let presence updates and buffers settle
-        rss_after = rss(pid)
+        await asyncio.sleep(2 * p["settle"])
+        rss_after, outbound_after = rss(pid), outbound_connections(pid, port)
+        second_half = sum(1 for r in results[half:] if not isinstance(r, BaseException))
         status = proc_status(pid)
         await close_all(sockets)
         opened = len(sockets)
         return {"target": kind, "requested": count, "connected": opened, "failures": len(failures),
                 "first_failures": failures[:3], "setup_s": round(setup_s, 2), "connect_s": round(connect_s, 2),
-                "rss_before": rss_before, "rss_after": rss_after, "vm_hwm": status["VmHWM"],
-                "bytes_per_conn": round((rss_after - rss_before) / opened) if opened else None}
+                "rss_before": rss_before, "rss_mid": rss_mid, "rss_after": rss_after, "vm_hwm": status["VmHWM"],
+                "bytes_per_conn": round((rss_after - rss_before) / opened) if opened else None,
+                "marginal_bytes_per_conn": round((rss_after - rss_mid) / second_half) if second_half else None,
+                # The server's own connections (storage pool, Redis): they grow with the
+                # connect burst's concurrency, a fixed cost that weighs on the figure above.
+                "outbound_before": outbound_before, "outbound_after": outbound_after}
 
 
 # -- login storm -------------------------------------------------------------------

@@ -52,6 +52,32 @@ def rss(pid: int) -> int:
     return proc_status(pid)["VmRSS"]
 
 
+def outbound_connections(pid: int, listen_port: int) -> int:
+    """TCP connections of a process that it opened itself (its storage pool, Redis):
+    its sockets in /proc/net/tcp whose local port is not the one it listens on."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue  # closed meanwhile
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                rows = f.readlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            local_port, state, inode = int(fields[1].rsplit(":", 1)[1], 16), fields[3], fields[9]
+            if inode in inodes and state == "01" and local_port != listen_port:  # 01: ESTABLISHED
+                count += 1
+    return count
+
+
 def cpu_seconds(pid: int) -> float:
     """user+system CPU seconds of a process (all its threads), from /proc/<pid>/stat."""
     with open(f"/proc/{pid}/stat") as f:
