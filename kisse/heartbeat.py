@@ -12,7 +12,10 @@ the interval instead of all at once.
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Protocol
+
+log = logging.getLogger("kisse.ws")
 
 SLOTS = 8
 # A visit this many intervals after the slot's last one means the loop was too
@@ -50,4 +53,7 @@ class Heartbeat:
         previous, self._visited[slot] = self._visited[slot], now
         late = previous is not None and now - previous >= self.interval * LATE_WAKEUP
         for connection in list(self._slots[slot]):  # a beat may close one, which discards it
-            connection.beat(late)
+            try:
+                connection.beat(late)
+            except Exception:  # a bug in one connection's beat must not skip the others
+                log.exception("heartbeat failed for a connection")

@@ -55,6 +55,7 @@ EVERYWHERE = "kisse:everywhere"
 NODES = "kisse:nodes"
 REDIS_TIMEOUT = 2.0  # seconds a Redis command may take before the bus counts as degraded
 CLOSE_WITHIN = 5.0  # seconds a stop waits for the bus's own tasks
+WRITE_RETRY_AFTER = 0.1  # seconds between directory writes while Redis fails them
 
 
 def _user_key(user_id: str) -> str:
@@ -184,6 +185,13 @@ class RedisBus(Bus):
                     await self._write(users, sessions)
                 except (RedisError, OSError) as error:
                     self._degraded(error)
+                    # Again with the next batch or once Redis is back (the lease renewal),
+                    # unless a newer write for the same user or session came meanwhile.
+                    for user_id, here in users.items():
+                        self._users_due.setdefault(user_id, here)
+                    for session, here in sessions.items():
+                        self._sessions_due.setdefault(session, here)
+                    await asyncio.sleep(WRITE_RETRY_AFTER)
                 except Exception:  # a bug: lose these writes (re-announced later), not the writer
                     log.exception("redis bus could not write the directory")
                     self._reannounce = True
@@ -402,6 +410,8 @@ class RedisBus(Bus):
                     pipe.hset(_user_sessions(connection.user_id), connection.session_id, self.node)
                 await pipe.execute()
             self._reannounce = False
+        if self._users_due or self._sessions_due:
+            self._write_soon()  # writes Redis failed (a user who left, a device gone)
         for node in set(nodes) - self._alive:
             await self._reap(node)
 

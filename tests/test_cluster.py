@@ -4,6 +4,7 @@ presence grace 0.5 s); every wait is a generous deadline."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import uuid
@@ -11,10 +12,15 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import redis.asyncio as redis_client
 from tornado.httpclient import AsyncHTTPClient
+
+from kisse.hub import Hub
+from kisse.redis_bus import RedisBus
 
 from tests import mongo_server, redis_server, traffic
 from tests.client import WAIT, Api, Ws
+from tests.conftest import TEST_SETTINGS
 from tests.prekeys import DeviceKeys
 from tests.served import KisseProcess
 from tests.traffic import TrafficClient, clock
@@ -243,6 +249,37 @@ async def test_redis_going_away_keeps_requests_working_and_the_bus_comes_back(cl
               f"{(await a.call('GET', '/readyz'))[1]['bus']['undelivered']}")
     finally:
         wb.close()
+
+
+async def test_a_directory_write_redis_failed_is_made_once_redis_is_back():
+    """A user who leaves while Redis is away must not stay in the directory: the
+    write is kept and made once Redis answers. (A Redis restarted empty forgets
+    the entry anyway; one that kept its data, or stayed up while the node lost
+    it, would say the user is still here: the test puts the entry back.)"""
+    _needs()
+    server = redis_server.RedisServer().start()
+    bus = RedisBus(Hub(), dataclasses.replace(TEST_SETTINGS, bus=server.url, bus_lease=LEASE))
+    await bus.start()
+    client = redis_client.from_url(server.url)
+    try:
+        await bus.joined("u1")
+        assert await client.smembers("kisse:user:u1") == {bus.node.encode()}
+        server.stop()
+        await bus.left("u1")  # refused: kept for later
+        assert bus.health()["state"] == "degraded"
+        server = redis_server.RedisServer(server.port).start()
+        await client.aclose()
+        client = redis_client.from_url(server.url)  # the old connection died with the server
+        await client.sadd("kisse:user:u1", bus.node)
+        deadline = asyncio.get_running_loop().time() + LEASE * 4 + 5
+        while await client.smembers("kisse:user:u1"):
+            assert asyncio.get_running_loop().time() < deadline, "the departure was never written"
+            await asyncio.sleep(0.1)
+        assert bus.health()["state"] == "ok"
+    finally:
+        await client.aclose()
+        await bus.close()
+        server.stop()
 
 
 async def test_the_ring_timeout_fires_once_with_three_nodes_sweeping(cluster):
