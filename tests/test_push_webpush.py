@@ -2,6 +2,7 @@
 (tests/fake_webpush.py): content-free payloads, headers, outcomes, timeouts, keys."""
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import email.utils
@@ -16,8 +17,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from config.settings import SettingsError
 from kisse.push import webpush
-from kisse.push.provider import Wake
-from kisse.push.provider import retry_after
+from kisse.push.egress import public_address
+from kisse.push.provider import Result, Wake, retry_after
 from kisse.push.webpush import WebPush, WebPushOff, parse_subscription, topic
 from tests.conftest import with_settings
 from tests.fake_webpush import FakeWebPush
@@ -170,6 +171,31 @@ async def test_over_https_trusting_the_ca_file(key_file):
         finally:
             await trusting.close()
             await distrusting.close()
+
+
+async def test_in_production_a_name_that_resolves_to_a_private_address_is_never_reached(key_file):
+    """`localhost` is a name (registration refuses literal addresses only): the
+    connection resolves it, finds 127.0.0.1 and refuses, and the subscription is
+    dropped. The same push in development reaches the fake (the test above)."""
+    async with FakeWebPush(tls=True) as fake:
+        sub = fake.subscribe()
+        assert sub["endpoint"].startswith("https://localhost:")
+        provider = WebPush(with_settings(env="production", push_vapid_private_key=key_file, push_ca_file=fake.ca_file))
+        try:
+            assert await provider.send(registration(sub), WAKE) == Result("dead", reason="endpoint_not_public")
+            await asyncio.sleep(0.2)
+            assert fake.pushes == []
+        finally:
+            await provider.close()
+
+
+def test_public_addresses_are_global_unicast_only():
+    for address in ("93.184.216.34", "2606:4700:4700::1111", "8.8.8.8"):
+        assert public_address(address), address
+    for address in ("127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "100.64.0.1",
+                    "0.0.0.0", "224.0.0.1", "::1", "fe80::1%eth0", "fc00::1", "::ffff:10.0.0.1",
+                    "::ffff:127.0.0.1", "ff02::1"):
+        assert not public_address(address), address
 
 
 # -- what the push service answers ----------------------------------------------

@@ -2,13 +2,12 @@
 server how its platform's push service reaches it."""
 from __future__ import annotations
 
-import ipaddress
 import re
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from kisse.errors import BadRequest, Conflict, NotFound, Unauthorized
-from kisse.push import webpush
+from kisse.push import egress, webpush
 from kisse.runtime import Runtime
 
 if TYPE_CHECKING:
@@ -20,10 +19,9 @@ HEX_TOKEN = re.compile(r"[0-9a-fA-F]{32,512}")  # APNs device tokens: hex (32 by
 def _internal(host: str) -> bool:
     """An address (not a name) on a loopback, private, link-local or reserved network."""
     try:
-        address = ipaddress.ip_address(host)
+        return not egress.public_address(host)
     except ValueError:
         return host.lower() in ("localhost", "localhost.localdomain")
-    return not address.is_global
 
 
 def _registration(rt: Runtime, body: dict[str, Any]) -> dict[str, Any]:
@@ -58,7 +56,8 @@ def _registration(rt: Runtime, body: dict[str, Any]) -> dict[str, Any]:
     if not url.hostname:
         raise BadRequest("endpoint: must be an https:// URL", code="invalid_field", details={"field": "endpoint"})
     if rt.settings.env == "production" and _internal(url.hostname):
-        # The server POSTs to this URL: never to its own network (names are the egress policy's job).
+        # The server POSTs to this URL: never to its own network (a name is checked when
+        # connecting, kisse/push/egress.py).
         raise BadRequest("endpoint: must be a public push service", code="invalid_field",
                          details={"field": "endpoint"})
     return registration

@@ -29,6 +29,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+import urllib.request
 from urllib.parse import urlsplit
 
 import http_ece
@@ -39,6 +40,7 @@ from py_vapid import Vapid
 from py_vapid.jwt import sign as vapid_sign
 
 from config.settings import Settings, SettingsError
+from kisse.push import egress
 from kisse.push.provider import Result, Wake, retry_after, ssl_context
 
 log = logging.getLogger("kisse.push.webpush")
@@ -208,13 +210,20 @@ class WebPush:
         httpx_log = logging.getLogger("httpx")
         if httpx_log.level == logging.NOTSET:
             httpx_log.setLevel(logging.WARNING)
+        verify = ssl_context(settings.push_ca_file)
+        limits = httpx.Limits(max_connections=max(10, settings.push_workers * 2),
+                              max_keepalive_connections=max(10, settings.push_workers * 2))
+        # In production, endpoints only on public addresses (kisse/push/egress.py), unless
+        # an HTTPS proxy is set: then the proxy resolves names, and is the egress policy.
+        proxied = bool({"https", "all"} & set(urllib.request.getproxies()))
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(settings.push_timeout),
-            verify=ssl_context(settings.push_ca_file),
+            verify=verify,
             follow_redirects=False,
             headers={"User-Agent": "Kisse"},
-            limits=httpx.Limits(max_connections=max(10, settings.push_workers * 2),
-                                max_keepalive_connections=max(10, settings.push_workers * 2)),
+            limits=limits,
+            transport=egress.public_transport(verify, limits) if settings.env == "production" and not proxied
+            else None,
         )
 
     def application_server_key(self) -> str:
@@ -268,6 +277,9 @@ class WebPush:
             log.info("web push to %s: timed out", subscription.host)
             return Result("retry", reason="timeout")
         except httpx.HTTPError as exc:
+            if isinstance(exc.__cause__, egress.NotPublic):
+                log.warning("web push to %s: not a public address, subscription dropped", subscription.host)
+                return Result("dead", reason="endpoint_not_public")
             log.info("web push to %s: %s", subscription.host, type(exc).__name__)
             return Result("retry", reason=type(exc).__name__)
         return self._result(subscription, status, after, answer)
