@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from config.settings import SettingsError
-from kisse.push import webpush
+from kisse.push import egress, webpush
 from kisse.push.egress import public_address
 from kisse.push.provider import Result, Wake, retry_after
 from kisse.push.webpush import WebPush, WebPushOff, parse_subscription, topic
@@ -173,7 +173,13 @@ async def test_over_https_trusting_the_ca_file(key_file):
             await distrusting.close()
 
 
-async def test_in_production_a_name_that_resolves_to_a_private_address_is_never_reached(key_file):
+@pytest.fixture
+def no_proxy_env(monkeypatch):
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+
+
+async def test_in_production_a_name_that_resolves_to_a_private_address_is_never_reached(key_file, no_proxy_env):
     """`localhost` is a name (registration refuses literal addresses only): the
     connection resolves it, finds 127.0.0.1 and refuses, and the subscription is
     dropped. The same push in development reaches the fake (the test above)."""
@@ -189,12 +195,29 @@ async def test_in_production_a_name_that_resolves_to_a_private_address_is_never_
             await provider.close()
 
 
+async def test_in_production_a_public_address_is_reached_through_the_checked_connection(key_file, no_proxy_env,
+                                                                                     monkeypatch):
+    """The guarded path itself delivers (resolution, connect to the checked address,
+    TLS verified against the name): loopback counts as public for this test only."""
+    monkeypatch.setattr(egress, "public_address", lambda address: True)
+    async with FakeWebPush(tls=True) as fake:
+        sub = fake.subscribe()
+        provider = WebPush(with_settings(env="production", push_vapid_private_key=key_file, push_ca_file=fake.ca_file))
+        try:
+            assert (await provider.send(registration(sub), WAKE)).outcome == "sent"
+            [push] = await fake.wait_for(sub, 1)
+            assert json.loads(push.payload) == {"type": "wake"}
+        finally:
+            await provider.close()
+
+
 def test_public_addresses_are_global_unicast_only():
-    for address in ("93.184.216.34", "2606:4700:4700::1111", "8.8.8.8"):
+    for address in ("93.184.216.34", "2606:4700:4700::1111", "8.8.8.8", "64:ff9b::808:808", "::ffff:8.8.8.8"):
         assert public_address(address), address
     for address in ("127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "100.64.0.1",
                     "0.0.0.0", "224.0.0.1", "::1", "fe80::1%eth0", "fc00::1", "::ffff:10.0.0.1",
-                    "::ffff:127.0.0.1", "ff02::1"):
+                    "::ffff:127.0.0.1", "ff02::1",
+                    "64:ff9b::a9fe:a9fe", "2002:7f00:1::1", "::a00:1", "2001:0:4136:e378:8000:63bf:3fff:fdd2"):
         assert not public_address(address), address
 
 
@@ -343,8 +366,11 @@ def test_parse_subscription_says_what_is_wrong_and_wants_https_in_production():
 def test_retry_after_and_topic():
     assert retry_after("120") == 120.0
     assert retry_after(None) is None and retry_after("soon") is None
-    assert retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=0) > 1e9
+    assert retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412380.0) == 100.0
     assert retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # in the past: now
+    # A server the client chose cannot hold the device's wake-ups back for ever.
+    assert retry_after("inf") is None and retry_after("nan") is None and retry_after("1e400") is None
+    assert retry_after("99999999") == retry_after("Fri, 01 Jan 9999 00:00:00 GMT") == 3600.0
     for key in ("wake", "call:" + "x" * 300, "ünïcode key"):
         assert re.fullmatch(r"[A-Za-z0-9_-]{32}", topic(key))
     assert topic("a") == topic("a") != topic("b")

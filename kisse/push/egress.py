@@ -6,12 +6,16 @@ networks (`https://metadata.internal/…`) must not be reached: `PublicOnly`
 resolves the name itself, refuses it if any of its addresses is not global,
 and connects to an address it checked, so a second lookup (DNS rebinding)
 cannot swap in another. TLS still verifies the certificate against the name.
+With an HTTPS proxy set, every endpoint goes through the proxy instead
+(`NO_PROXY` included: it would open a direct, unchecked path), and the
+proxy, which resolves the names, is the egress policy.
 """
 from __future__ import annotations
 
 import asyncio
 import ipaddress
 import socket
+import urllib.request
 from collections.abc import Iterable
 from typing import Any
 
@@ -23,12 +27,23 @@ class NotPublic(httpcore.ConnectError):
     """The endpoint's host is, or resolves to, an address that is not global."""
 
 
+NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
 def public_address(text: str) -> bool:
     """A global unicast address: not loopback, private, link-local, shared,
-    multicast or reserved (an IPv4-mapped IPv6 address is judged as IPv4)."""
+    multicast or reserved. An IPv6 address that carries an IPv4 one (mapped,
+    IPv4-compatible, NAT64, 6to4) is judged by that; Teredo is refused."""
     address = ipaddress.ip_address(text.split("%", 1)[0])  # an IPv6 zone says nothing of the address
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.teredo is not None:
+            return False
+        if address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        elif address.sixtofour is not None:
+            address = address.sixtofour
+        elif address in NAT64 or int(address) >> 32 == 0:
+            address = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
     return address.is_global and not address.is_multicast
 
 
@@ -48,7 +63,13 @@ class PublicOnly(httpcore.AsyncNetworkBackend):
         addresses = list(dict.fromkeys(info[4][0] for info in found))
         if not addresses or not all(public_address(a) for a in addresses):
             raise NotPublic("the endpoint's host is not a public address")
-        return await self._backend.connect_tcp(addresses[0], port, timeout=timeout, local_address=local_address,
+        for address in addresses[:-1]:  # each in turn, as a plain connect would (one may be down)
+            try:
+                return await self._backend.connect_tcp(address, port, timeout=timeout, local_address=local_address,
+                                                       socket_options=socket_options)
+            except (httpcore.ConnectError, httpcore.ConnectTimeout):
+                continue
+        return await self._backend.connect_tcp(addresses[-1], port, timeout=timeout, local_address=local_address,
                                                socket_options=socket_options)
 
     async def connect_unix_socket(self, path: str, timeout: float | None = None,
@@ -57,6 +78,12 @@ class PublicOnly(httpcore.AsyncNetworkBackend):
 
     async def sleep(self, seconds: float) -> None:
         await self._backend.sleep(seconds)
+
+
+def https_proxy() -> str | None:
+    """The HTTPS proxy the environment sets (`HTTPS_PROXY`, `ALL_PROXY`), if any."""
+    proxies = urllib.request.getproxies()
+    return proxies.get("https") or proxies.get("all")
 
 
 def public_transport(verify: Any, limits: httpx.Limits) -> httpx.AsyncHTTPTransport:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import email.utils
+import math
 import ssl
 import time
 from dataclasses import dataclass
@@ -68,20 +69,28 @@ def ssl_context(ca_file: str) -> ssl.SSLContext:
     return context
 
 
+# A push service (for Web Push, a server the client chose) may not hold a device's
+# wake-ups back for longer than a wake-up lives anyway.
+MAX_RETRY_AFTER = 3600.0
+
+
 def retry_after(value: str | None, now: float | None = None) -> float | None:
     """Seconds from a Retry-After header, delta-seconds or an HTTP date (RFC 9110
-    §10.2.3; a date without a zone is UTC); None if absent or unreadable."""
+    §10.2.3; a date without a zone is UTC), at most MAX_RETRY_AFTER; None if
+    absent or unreadable (`inf` and `nan` included)."""
     if not value:
         return None
     value = value.strip()
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=datetime.timezone.utc)
+        seconds = when.timestamp() - (time.time() if now is None else now)
+    if not math.isfinite(seconds):
         return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=datetime.timezone.utc)
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+    return min(max(0.0, seconds), MAX_RETRY_AFTER)

@@ -29,7 +29,6 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
-import urllib.request
 from urllib.parse import urlsplit
 
 import http_ece
@@ -213,17 +212,22 @@ class WebPush:
         verify = ssl_context(settings.push_ca_file)
         limits = httpx.Limits(max_connections=max(10, settings.push_workers * 2),
                               max_keepalive_connections=max(10, settings.push_workers * 2))
-        # In production, endpoints only on public addresses (kisse/push/egress.py), unless
-        # an HTTPS proxy is set: then the proxy resolves names, and is the egress policy.
-        proxied = bool({"https", "all"} & set(urllib.request.getproxies()))
+        # In production endpoints are reached on public addresses only, or through the
+        # HTTPS proxy if one is set (kisse/push/egress.py); in development the tests' fakes
+        # are on loopback.
+        guarded: dict[str, Any] = {}
+        if settings.env == "production":
+            proxy = egress.https_proxy()
+            guarded = {"trust_env": False, "transport": egress.public_transport(verify, limits)} if proxy is None \
+                else {"trust_env": False, "mounts": {"all://": httpx.AsyncHTTPTransport(
+                    proxy=proxy, verify=verify, limits=limits)}}
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(settings.push_timeout),
             verify=verify,
             follow_redirects=False,
             headers={"User-Agent": "Kisse"},
             limits=limits,
-            transport=egress.public_transport(verify, limits) if settings.env == "production" and not proxied
-            else None,
+            **guarded,
         )
 
     def application_server_key(self) -> str:
