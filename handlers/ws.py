@@ -130,6 +130,7 @@ class GatewaySocket(tornado.websocket.WebSocketHandler):
         # without them an idle connection holds about 2 KB less (tracemalloc).
         self.request.headers = tornado.httputil.HTTPHeaders()
         self.request.arguments, self.request.query_arguments = {}, {}
+        self.request.uri, self.request.query = self.request.path, ""
         loop = asyncio.get_running_loop()
         self._answered = True
         self._frames, self._frames_until = 0, 0.0

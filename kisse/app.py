@@ -15,7 +15,7 @@ from kisse.bus import BLOCKS_CHANGED, CONVERSATION_CHANGED, make_bus
 from kisse.contacts import Blocks
 from kisse.forgetting import Forgetting
 from kisse.push import PushService
-from kisse import heartbeat, limits
+from kisse import limits
 from kisse.heartbeat import Heartbeat
 from kisse.limits import Limits
 from kisse.members import Members
@@ -94,7 +94,7 @@ async def startup(app: tornado.web.Application) -> None:
     rt.forgetting.start()
     rt.push.start()
     rt.tasks.every(limits.SWEEP_EVERY, rt.limits.sweep, "rate-limit sweep", first_after=limits.SWEEP_EVERY)
-    rt.tasks.every(rt.heartbeat.interval / heartbeat.SLOTS, rt.heartbeat.visit, "heartbeat")
+    rt.tasks.spawn(rt.heartbeat.run(), "heartbeat")
 
 
 async def shutdown(app: tornado.web.Application, grace: float = 10.0) -> None:

@@ -103,6 +103,7 @@ class RedisBus(Bus):
         self._sessions_due: dict[tuple[str, str], bool] = {}
         self._written: asyncio.Future[None] | None = None  # resolved once the due writes are sent
         self._writer: asyncio.Task[None] | None = None
+        self._closed = False
         # HDEL only if the entry is still this node's: the device may have moved on.
         self._forget_session = self.redis.register_script(
             "if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then"
@@ -124,6 +125,7 @@ class RedisBus(Bus):
     async def close(self) -> None:
         """Stop, leave the directory at once (others stop routing here without waiting
         for the lease), disconnect: each step bounded, so a stop never hangs on Redis."""
+        self._closed = True
         loop = asyncio.get_running_loop()
         deadline = loop.time() + CLOSE_WITHIN
         pending = set(self._tasks) | ({self._writer} if self._writer else set())
@@ -140,10 +142,22 @@ class RedisBus(Bus):
                 pass
 
     async def _leave(self) -> None:
+        """Every entry of this node out of the directory: its users as Redis knows them
+        (a departure Redis failed is there still) and as this node does, writes not sent
+        included; then the node itself, so nobody waits for its lease."""
+        users = list({u.decode() for u in await self.redis.smembers(_node_users(self.node))}
+                     | self._present | self._users_due.keys())
+        sessions = {(c.user_id, c.session_id) for c in self.hub.all()} | self._sessions_due.keys()
         async with self.redis.pipeline(transaction=False) as pipe:
-            for connection in self.hub.all():
-                pipe.hdel(_user_sessions(connection.user_id), connection.session_id)
-            for user_id in self._present:
+            for user_id in users:
+                pipe.hgetall(_user_sessions(user_id))
+            held = await pipe.execute()
+        sessions |= {(u, s.decode()) for u, found in zip(users, held) for s, n in found.items()
+                     if n.decode() == self.node}
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for user_id, session_id in sessions:
+                await self._forget_session(keys=[_user_sessions(user_id)], args=[session_id, self.node], client=pipe)
+            for user_id in users:
                 pipe.srem(_user_key(user_id), self.node)
             pipe.delete(_node_users(self.node), _alive_key(self.node))
             pipe.srem(NODES, self.node)
@@ -157,17 +171,21 @@ class RedisBus(Bus):
     async def joined(self, user_id: str) -> None:
         self._present.add(user_id)
         self._users_due[user_id] = True
-        await self._write_soon()
+        await asyncio.shield(self._write_soon())  # one caller cancelled must not cancel the batch for all
 
     async def left(self, user_id: str) -> None:
         self._present.discard(user_id)
         self._users_due[user_id] = False
-        await self._write_soon()
+        await asyncio.shield(self._write_soon())
 
     def _write_soon(self) -> asyncio.Future[None]:
         """The due directory writes go with the next batch: resolved once it is sent,
         or once Redis failed it (the bus is degraded then, and re-announces later)."""
         loop = asyncio.get_running_loop()
+        if self._closed:  # closing: _leave removes what is due
+            done = loop.create_future()
+            done.set_result(None)
+            return done
         if self._written is None:
             self._written = loop.create_future()
         if self._writer is None:
@@ -183,14 +201,17 @@ class RedisBus(Bus):
                 sessions, self._sessions_due = self._sessions_due, {}
                 try:
                     await self._write(users, sessions)
-                except (RedisError, OSError) as error:
-                    self._degraded(error)
+                except (RedisError, OSError, asyncio.CancelledError) as error:
                     # Again with the next batch or once Redis is back (the lease renewal),
-                    # unless a newer write for the same user or session came meanwhile.
+                    # unless a newer write for the same user or session came meanwhile;
+                    # cancelled (closing): _leave takes them.
                     for user_id, here in users.items():
                         self._users_due.setdefault(user_id, here)
                     for session, here in sessions.items():
                         self._sessions_due.setdefault(session, here)
+                    if isinstance(error, asyncio.CancelledError):
+                        raise
+                    self._degraded(error)
                     await asyncio.sleep(WRITE_RETRY_AFTER)
                 except Exception:  # a bug: lose these writes (re-announced later), not the writer
                     log.exception("redis bus could not write the directory")
@@ -219,7 +240,11 @@ class RedisBus(Bus):
                 else:
                     await self._forget_session(keys=[_user_sessions(user_id)], args=[session_id, self.node],
                                                client=pipe)  # queued, like the rest
-            await pipe.execute()
+            # A command Redis refuses (a key of the wrong type) is logged and dropped, not
+            # retried for ever; a lost connection still raises.
+            refused = [r for r in await pipe.execute(raise_on_error=False) if isinstance(r, Exception)]
+        if refused:
+            log.warning("redis bus: %d directory writes refused (%s)", len(refused), refused[0])
 
     async def _announce(self, user_ids: Iterable[str]) -> None:
         async with self.redis.pipeline(transaction=False) as pipe:

@@ -282,6 +282,30 @@ async def test_a_directory_write_redis_failed_is_made_once_redis_is_back():
         server.stop()
 
 
+async def test_a_node_that_stops_leaves_every_directory_entry_it_had():
+    """On stop a node removes itself wherever Redis lists it, also for a user only
+    Redis still knows (a departure it lost), and its unsent writes: others must not
+    route to a node that is gone and no longer reaped."""
+    _needs()
+    server = redis_server.RedisServer().start()
+    bus = RedisBus(Hub(), dataclasses.replace(TEST_SETTINGS, bus=server.url, bus_lease=LEASE))
+    await bus.start()
+    client = redis_client.from_url(server.url)
+    try:
+        await bus.joined("here")
+        await client.sadd("kisse:user:ghost", bus.node)  # a departure this node lost
+        await client.sadd(f"kisse:node:{bus.node}:users", "ghost")
+        await client.hset("kisse:user:ghost:sessions", mapping={"s-ours": bus.node, "s-other": "another-node"})
+        await bus.close()
+        for user_id in ("here", "ghost"):
+            assert await client.smembers(f"kisse:user:{user_id}") == set(), user_id
+        assert await client.hgetall("kisse:user:ghost:sessions") == {b"s-other": b"another-node"}
+        assert bus.node.encode() not in await client.smembers("kisse:nodes")
+    finally:
+        await client.aclose()
+        server.stop()
+
+
 async def test_the_ring_timeout_fires_once_with_three_nodes_sweeping(cluster):
     n1, n2, n3 = cluster["nodes"]
     a, (ta, alice), (tb, bob), conv = await friends(n1)
