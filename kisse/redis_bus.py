@@ -18,10 +18,10 @@ users for a direct message) and one PUBLISH per remote node that has
 recipients. Per connection: one SADD when a user's first connection on the
 node opens, one SREM when their grace ends, and an HSET / HDEL of the
 device session (push wake-ups go to devices connected nowhere). These
-directory writes leave in batches too, one pipeline at a time: a burst of
-connections opening costs a few round trips on one Redis connection, not a
-command, a task and a pooled connection each (the pool grew to the burst's
-concurrency). Events queue in order, in one bounded queue, and leave in
+directory writes leave in batches too, one pipeline at a time, and so do
+the directory reads of presence: a burst of connections opening costs a few
+round trips on one Redis connection, not a command, a task and a pooled
+connection each (the pool grew to the burst's concurrency). Events queue in order, in one bounded queue, and leave in
 batches: a batch costs two round trips whatever its size.
 
 A node found dead (its lease gone) is reaped by one live node (a lock): its
@@ -103,6 +103,9 @@ class RedisBus(Bus):
         self._sessions_due: dict[tuple[str, str], bool] = {}
         self._written: asyncio.Future[None] | None = None  # resolved once the due writes are sent
         self._writer: asyncio.Task[None] | None = None
+        # Directory reads waiting for the next pipeline (users, the caller's future).
+        self._lookups: list[tuple[list[str], asyncio.Future[dict[str, set[str]]]]] = []
+        self._reader: asyncio.Task[None] | None = None
         self._closed = False
         # HDEL only if the entry is still this node's: the device may have moved on.
         self._forget_session = self.redis.register_script(
@@ -128,13 +131,17 @@ class RedisBus(Bus):
         self._closed = True
         loop = asyncio.get_running_loop()
         deadline = loop.time() + CLOSE_WITHIN
-        pending = set(self._tasks) | ({self._writer} if self._writer else set())
+        pending = set(self._tasks) | {t for t in (self._writer, self._reader) if t is not None}
         while pending and loop.time() < deadline:  # a cancellation inside a command may not take at once
             for task in pending:
                 task.cancel()
             _, pending = await asyncio.wait(pending, timeout=0.5)
         if self._written is not None and not self._written.done():
             self._written.set_result(None)  # nobody waits on writes _leave makes moot
+        for _, future in self._lookups:  # reads nobody will make now
+            if not future.done():
+                future.set_exception(RedisError("the bus is closed"))
+        self._lookups = []
         for step in (self._leave, self.redis.aclose):
             try:
                 await asyncio.wait_for(step(), REDIS_TIMEOUT)
@@ -255,6 +262,41 @@ class RedisBus(Bus):
                 pipe.sadd(_node_users(self.node), *users)
             await pipe.execute()
 
+    async def _lookup(self, user_ids: list[str]) -> dict[str, set[str]]:
+        """`_nodes_of`, the reads of many callers sharing one pipeline at a time: a burst
+        of connections (each asking where its user is present) costs a few round trips
+        on one Redis connection, not a command and a pooled connection each."""
+        if self._closed:
+            raise RedisError("the bus is closed")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[dict[str, set[str]]] = loop.create_future()
+        self._lookups.append((user_ids, future))
+        if self._reader is None:
+            self._reader = loop.create_task(self._read_directory())
+        return await future
+
+    async def _read_directory(self) -> None:
+        try:
+            while self._lookups:
+                batch, self._lookups = self._lookups, []
+                try:
+                    nodes = await self._nodes_of(list(dict.fromkeys(u for users, _ in batch for u in users)))
+                except (RedisError, OSError) as error:
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(RedisError(f"directory read failed: {type(error).__name__}"))
+                    continue
+                except asyncio.CancelledError:  # closing: the callers get an answer they handle
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(RedisError("the bus is closed"))
+                    raise
+                for users, future in batch:
+                    if not future.done():  # its caller may have given up
+                        future.set_result({u: nodes[u] for u in users})
+        finally:
+            self._reader = None
+
     async def _nodes_of(self, user_ids: list[str]) -> dict[str, set[str]]:
         """The nodes of each user not known dead (this one included)."""
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -271,7 +313,7 @@ class RedisBus(Bus):
         if not rest or self.state != "ok":
             return here
         try:
-            nodes = await self._nodes_of(rest)
+            nodes = await self._lookup(rest)
         except (RedisError, OSError):
             return here
         return here | {u for u, n in nodes.items() if n}
@@ -307,7 +349,7 @@ class RedisBus(Bus):
 
     async def present_elsewhere(self, user_id: str) -> bool:
         try:
-            return bool((await self._nodes_of([user_id]))[user_id] - {self.node})
+            return bool((await self._lookup([user_id]))[user_id] - {self.node})
         except (RedisError, OSError):
             return False
 
