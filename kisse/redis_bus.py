@@ -21,8 +21,9 @@ device session (push wake-ups go to devices connected nowhere). These
 directory writes leave in batches too, one pipeline at a time, and so do
 the directory reads of presence: a burst of connections opening costs a few
 round trips on one Redis connection, not a command, a task and a pooled
-connection each (the pool grew to the burst's concurrency). Events queue in order, in one bounded queue, and leave in
-batches: a batch costs two round trips whatever its size.
+connection each (the pool grew to the burst's concurrency). Events queue in
+order, in one bounded queue, and leave in batches: a batch costs two round
+trips whatever its size.
 
 A node found dead (its lease gone) is reaped by one live node (a lock): its
 users are removed from the directory, and those present nowhere else go
