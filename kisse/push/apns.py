@@ -59,7 +59,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from config.settings import Settings, SettingsError
-from kisse.push.provider import Result, Wake, retry_after, ssl_context
+from kisse.push.provider import Result, Wake, read_some, retry_after, ssl_context
 
 log = logging.getLogger("kisse.push.apns")
 
@@ -213,7 +213,7 @@ class APNs:
             async with asyncio.timeout(self._timeout * WHOLE_REQUEST):
                 async with self._client.stream("POST", f"{self._base}/3/device/{device}", content=body,
                                                headers={**headers, "authorization": f"bearer {bearer}"}) as response:
-                    answer = await _read_some(response)
+                    answer = await read_some(response, MAX_RESPONSE_READ)
                     status = response.status_code
                     after = retry_after(response.headers.get("retry-after"))
         except (TimeoutError, httpx.TimeoutException):
@@ -265,12 +265,3 @@ def _reason(answer: bytes) -> str | None:
     return None
 
 
-async def _read_some(response: httpx.Response) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in response.aiter_raw():
-        chunks.append(chunk)
-        size += len(chunk)
-        if size >= MAX_RESPONSE_READ:
-            break
-    return b"".join(chunks)

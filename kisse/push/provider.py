@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 import certifi
+import httpx
 
 from config.settings import SettingsError
 
@@ -94,3 +95,16 @@ def retry_after(value: str | None, now: float | None = None) -> float | None:
     if not math.isfinite(seconds):
         return None
     return min(max(0.0, seconds), MAX_RETRY_AFTER)
+
+
+async def read_some(response: httpx.Response, limit: int) -> bytes:
+    """Up to about `limit` bytes of a streamed answer: enough for an error message,
+    never a flood (a Web Push endpoint is the client's choice)."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.aiter_raw():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size >= limit:
+            break
+    return b"".join(chunks)

@@ -40,7 +40,7 @@ from py_vapid.jwt import sign as vapid_sign
 
 from config.settings import Settings, SettingsError
 from kisse.push import egress
-from kisse.push.provider import Result, Wake, retry_after, ssl_context
+from kisse.push.provider import Result, Wake, read_some, retry_after, ssl_context
 
 log = logging.getLogger("kisse.push.webpush")
 
@@ -274,7 +274,7 @@ class WebPush:
             async with asyncio.timeout(self._timeout):
                 async with self._client.stream("POST", subscription.endpoint, content=body,
                                                headers=headers) as response:
-                    answer = await _read_some(response)
+                    answer = await read_some(response, MAX_RESPONSE_READ)
                     status = response.status_code
                     after = retry_after(response.headers.get("Retry-After"))
         except (TimeoutError, httpx.TimeoutException):
@@ -307,19 +307,6 @@ class WebPush:
 
     async def close(self) -> None:
         await self._client.aclose()
-
-
-async def _read_some(response: httpx.Response) -> bytes:
-    """Up to MAX_RESPONSE_READ bytes of the answer: enough for an error message, never a flood
-    (the endpoint is the client's choice)."""
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in response.aiter_raw():
-        chunks.append(chunk)
-        size += len(chunk)
-        if size >= MAX_RESPONSE_READ:
-            break
-    return b"".join(chunks)
 
 
 def _reason(status: int) -> str:
