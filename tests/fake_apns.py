@@ -359,24 +359,25 @@ class FakeAPNs:
     async def wait_for(self, token: str, count: int = 1, timeout: float = 10.0) -> list[Push]:
         """Wait until `count` pushes to `token` were answered 200; AssertionError after `timeout`."""
         deadline = time.monotonic() + timeout
-        while True:
-            got = self.received(token)
-            if len(got) >= count:
-                return got
-            if time.monotonic() >= deadline:
-                raise AssertionError(self._shortfall(token, count, timeout))
+        while (got := self._arrived(token, count, deadline, timeout)) is None:
             await asyncio.sleep(0.02)
+        return got
 
     def wait_for_sync(self, token: str, count: int = 1, timeout: float = 10.0) -> list[Push]:
         """`wait_for` for a test without a loop (the fake then serves from its thread)."""
         deadline = time.monotonic() + timeout
-        while True:
-            got = self.received(token)
-            if len(got) >= count:
-                return got
-            if time.monotonic() >= deadline:
-                raise AssertionError(self._shortfall(token, count, timeout))
+        while (got := self._arrived(token, count, deadline, timeout)) is None:
             time.sleep(0.02)
+        return got
+
+    def _arrived(self, token: str, count: int, deadline: float, timeout: float) -> list[Push] | None:
+        """The pushes, once there are `count`; None while waiting; AssertionError past `deadline`."""
+        got = self.received(token)
+        if len(got) >= count:
+            return got
+        if time.monotonic() >= deadline:
+            raise AssertionError(self._shortfall(token, count, timeout))
+        return None
 
     def _shortfall(self, token: str, count: int, timeout: float) -> str:
         tried = self.attempts(token)

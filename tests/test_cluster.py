@@ -251,16 +251,22 @@ async def test_redis_going_away_keeps_requests_working_and_the_bus_comes_back(cl
         wb.close()
 
 
+async def lone_bus() -> tuple[redis_server.RedisServer, RedisBus, Any]:
+    """A redis-server of its own, a started RedisBus on it (no Kisse around it), and a
+    client to look into Redis with."""
+    _needs()
+    server = redis_server.RedisServer().start()
+    bus = RedisBus(Hub(), dataclasses.replace(TEST_SETTINGS, bus=server.url, bus_lease=LEASE))
+    await bus.start()
+    return server, bus, redis_client.from_url(server.url)
+
+
 async def test_a_directory_write_redis_failed_is_made_once_redis_is_back():
     """A user who leaves while Redis is away must not stay in the directory: the
     write is kept and made once Redis answers. (A Redis restarted empty forgets
     the entry anyway; one that kept its data, or stayed up while the node lost
     it, would say the user is still here: the test puts the entry back.)"""
-    _needs()
-    server = redis_server.RedisServer().start()
-    bus = RedisBus(Hub(), dataclasses.replace(TEST_SETTINGS, bus=server.url, bus_lease=LEASE))
-    await bus.start()
-    client = redis_client.from_url(server.url)
+    server, bus, client = await lone_bus()
     try:
         await bus.joined("u1")
         assert await client.smembers("kisse:user:u1") == {bus.node.encode()}
@@ -286,11 +292,7 @@ async def test_a_node_that_stops_leaves_every_directory_entry_it_had():
     """On stop a node removes itself wherever Redis lists it, also for a user only
     Redis still knows (a departure it lost), and its unsent writes: others must not
     route to a node that is gone and no longer reaped."""
-    _needs()
-    server = redis_server.RedisServer().start()
-    bus = RedisBus(Hub(), dataclasses.replace(TEST_SETTINGS, bus=server.url, bus_lease=LEASE))
-    await bus.start()
-    client = redis_client.from_url(server.url)
+    server, bus, client = await lone_bus()
     try:
         await bus.joined("here")
         await client.sadd("kisse:user:ghost", bus.node)  # a departure this node lost
