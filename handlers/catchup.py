@@ -31,6 +31,8 @@ Key = tuple[str, int]  # (conversation id, seq)
 class CatchUp:
     """One connection's held live messages and what its catch-ups have sent."""
 
+    __slots__ = ("holding", "_held", "_held_bytes", "_held_limit", "_overflowed", "_pushed")  # one per socket
+
     def __init__(self, held_limit: int) -> None:
         self.holding = True
         self._held: list[tuple[Key, bytes]] = []
