@@ -24,6 +24,8 @@ import sys
 import threading
 from pathlib import Path
 
+from tests.processes import stop_process
+
 REPO = Path(__file__).resolve().parent.parent
 CACHE = REPO / ".kisse-test"
 VENV = CACHE / "mongoeco-venv"
@@ -135,14 +137,7 @@ class MongoecoServer:
 
     def stop(self) -> None:
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
+        stop_process(process)
 
     def uri(self, database: str, **options: str) -> str:
         query = "&".join(f"{k}={v}" for k, v in {"directConnection": "true", **options}.items())

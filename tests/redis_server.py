@@ -7,6 +7,8 @@ import socket
 import subprocess
 import time
 
+from tests.processes import stop_process
+
 START_TIMEOUT = 20.0
 
 
@@ -48,10 +50,4 @@ class RedisServer:
 
     def stop(self) -> None:
         process, self.process = self.process, None
-        if process is not None and process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(10)
+        stop_process(process)

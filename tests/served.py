@@ -13,6 +13,8 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+from tests.processes import stop_process
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 START_TIMEOUT = 30.0  # generous: a loaded 2-core CI machine starts Python slowly
 
@@ -67,15 +69,7 @@ class KisseProcess:
 
     def stop(self, signum: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return process.returncode if process else None
-        process.send_signal(signum)
-        try:
-            return process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout)
-            return None
+        return stop_process(process, signum, timeout)
 
     def call(self, method: str, path: str, token: str | None = None, body: Any = None,
              raw: bytes | None = None, timeout: float = 30.0) -> tuple[int, Any]:
