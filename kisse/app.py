@@ -23,6 +23,7 @@ from kisse.metrics import Metrics
 from kisse.presence import PresenceTracker
 from kisse.protocol import CLOSE_GOING_AWAY
 from kisse.runtime import Runtime
+from kisse.tasks import Background
 from kisse.typing_status import TypingTracker
 from storage.base import Storage
 
@@ -50,7 +51,7 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
 
 def make_app(settings: Settings, storage: Storage) -> tornado.web.Application:
     """Build the application; `await startup(app)` before serving."""
-    rt = Runtime(settings=settings, storage=storage)
+    rt = Runtime(settings=settings, storage=storage, tasks=Background(quiet=storage.unavailable_errors))
     rt.bus = make_bus(settings, rt.hub)
     rt.heartbeat = Heartbeat(settings.ws_ping)
     rt.hub.on_connection_added.append(rt.bus.connection_opened)

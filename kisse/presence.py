@@ -12,7 +12,6 @@ Only people who share a conversation with a user see their presence.
 from __future__ import annotations
 
 import asyncio
-import logging
 from datetime import datetime, timezone
 from typing import Any
 
@@ -20,8 +19,6 @@ from kisse.errors import NotFound
 from kisse.runtime import Runtime
 from kisse.views import presence_view
 from storage.base import utcnow
-
-log = logging.getLogger("kisse.presence")
 
 
 class PresenceTracker:
@@ -82,17 +79,13 @@ class PresenceTracker:
             self.rt.tasks.spawn(self._announce(user_id), "presence announce")
 
     async def _announce(self, user_id: str) -> None:
-        """Stamp last_seen and tell contacts the user's presence as it now shows."""
-        try:
-            record = (await self.rt.storage.get_presences([user_id])).get(user_id)
-            invisible = record is not None and record["status"] == "offline"
-            if not invisible:
-                record = await self.rt.storage.set_presence(user_id, last_seen=coarse(self.rt, utcnow()))
-            if invisible:
-                return  # contacts already see an invisible user as offline
-            await publish(self.rt, user_id, await effective(self.rt, user_id, record))
-        except Exception:  # a storage hiccup must not break the connection handling
-            log.exception("presence update failed")
+        """Stamp last_seen and tell contacts the user's presence as it now shows.
+        Always run as a background task (rt.tasks), which logs a failure."""
+        record = (await self.rt.storage.get_presences([user_id])).get(user_id)
+        if record is not None and record["status"] == "offline":
+            return  # contacts already see an invisible user as offline
+        record = await self.rt.storage.set_presence(user_id, last_seen=coarse(self.rt, utcnow()))
+        await publish(self.rt, user_id, await effective(self.rt, user_id, record))
 
     def close(self) -> None:
         for timer in self._lingering.values():

@@ -14,9 +14,13 @@ CANCEL_AGAIN_AFTER = 0.5  # seconds
 class Background:
     """The app's background tasks: one-off (`spawn`) and periodic (`every`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, quiet: tuple[type[BaseException], ...] = ()) -> None:
+        """`quiet`: failures logged in one line, without a traceback: the storage being
+        unavailable, which /readyz and the 503s tell already (in a storage stall a
+        traceback per failed task made megabytes of log)."""
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
+        self._quiet = quiet
 
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any] | None:
         """Run `coro` in the background; a failure is logged, never lost. None once closed."""
@@ -36,10 +40,10 @@ class Background:
             while not self._closed:
                 try:
                     await step()
-                except Exception:  # e.g. storage down: try again next round
+                except Exception as error:  # e.g. storage down: try again next round
                     if self._closed:
                         return  # cancelled, though the cancellation came back as an error
-                    log.warning("%s failed", name, exc_info=True)
+                    self._failed(name, error, logging.WARNING)
                 await asyncio.sleep(interval)
         return self.spawn(repeat(), name)
 
@@ -56,12 +60,17 @@ class Background:
                 task.cancel()
             _, pending = await asyncio.wait(pending, timeout=CANCEL_AGAIN_AFTER)
 
-    @staticmethod
-    async def _logged(coro: Coroutine[Any, Any, Any], name: str) -> Any:
+    async def _logged(self, coro: Coroutine[Any, Any, Any], name: str) -> Any:
         try:
             return await coro
         except asyncio.CancelledError:
             raise
-        except Exception:
-            log.exception("%s failed", name)
+        except Exception as error:
+            self._failed(name, error, logging.ERROR)
             return None
+
+    def _failed(self, name: str, error: Exception, level: int) -> None:
+        if isinstance(error, self._quiet):
+            log.warning("%s failed: storage unavailable (%s)", name, type(error).__name__)
+        else:
+            log.log(level, "%s failed", name, exc_info=error)

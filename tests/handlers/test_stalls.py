@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 
 import pytest
 
 from kisse.app import shutdown
+from storage.base import StorageUnavailable
 from tests.client import WAIT, Ws, pair
 from tests.stall import StallableStorage
 
@@ -111,3 +113,38 @@ async def test_shutdown_answers_the_requests_it_took_then_closes_with_1001(app, 
     assert [f["data"]["message"]["seq"] for f in acks] == [1, 2, 3, 4, 5]
     assert await asyncio.wait_for(wa.closed, WAIT) == 1001  # after the answers
     await stopping
+
+
+async def _task_failures(caplog: pytest.LogCaptureFixture, count: int) -> list[logging.LogRecord]:
+    for _ in range(200):
+        found = [r for r in caplog.records if r.name == "kisse.tasks"]
+        if len(found) >= count:
+            return found
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"no background failure logged: {caplog.text}")
+
+
+async def test_background_work_finding_storage_unavailable_logs_a_line_not_a_traceback(api, ws_url, storage,
+                                                                                        caplog):
+    """In a storage stall every connection's presence update fails: a traceback each made
+    megabytes of log (seen at 5,000 reconnecting sockets). A bug still shows its traceback."""
+    caplog.set_level(logging.WARNING, logger="kisse.tasks")
+    ta, _ = await api.register()
+    tb, _ = await api.register()
+    storage.fail(StorageUnavailable("the primary stepped down"), only={"set_presence"})
+    wa = await Ws.connect(ws_url, ta)  # announcing A's presence runs in the background, and fails
+    await wa.ok("sync")
+    [record] = await _task_failures(caplog, 1)
+    assert record.getMessage() == "presence announce failed: storage unavailable (StorageUnavailable)"
+    assert record.levelno == logging.WARNING and record.exc_info is None
+    assert (await wa.request("ping"))["type"] == "pong"  # the connection never noticed
+
+    storage.fail(RuntimeError("a bug"), only={"set_presence"})
+    wb = await Ws.connect(ws_url, tb)
+    await wb.ok("sync")
+    record = (await _task_failures(caplog, 2))[1]
+    assert record.getMessage() == "presence announce failed" and record.levelno == logging.ERROR
+    assert record.exc_info is not None and isinstance(record.exc_info[1], RuntimeError)
+    storage.fail(None, set())
+    wa.close()
+    wb.close()
