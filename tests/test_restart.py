@@ -46,6 +46,7 @@ SHORT_TIMERS = {"KISSE_WS_PING": "1", "KISSE_SEND_REPAIR_AFTER": "1", "KISSE_PRE
 START_DEADLINE = 60.0  # a Python process starting on a loaded machine
 SEND_STEPS = ["mongo.send.written", "mongo.send.allocated", "mongo.send.numbered"]
 MIB = 1024 * 1024
+GET_ATTEMPTS = 10
 
 
 def figures(title: str, **values: Any) -> None:
@@ -192,7 +193,14 @@ class Api:
         return response.code, json.loads(response.body) if response.body else None
 
     async def get(self, path: str, token: str) -> Any:
-        status, body = await self.call("GET", path, token)
+        """The body of a 200, retrying a 503 after its Retry-After as a client would: after
+        a stall the storage may still be working through the backlog for a while (seen on a
+        loaded machine 20 s after the stall ended). A storage that never recovers still fails."""
+        for _ in range(GET_ATTEMPTS):
+            status, body = await self.call("GET", path, token)
+            if status != 503:
+                break
+            await asyncio.sleep(float(body["error"]["details"].get("retry_after", 1)))
         assert status == 200, (path, status, body)
         return body
 
