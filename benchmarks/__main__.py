@@ -48,7 +48,7 @@ PROFILES: dict[str, dict[str, Any]] = {
              "restart_pairs": 10, "restart_sends_each": 25, "restart_engines": ("memory", "sqlite"),
              "soak_duration": 300.0, "soak_sample_every": 10.0,
              "soak_warmup": 30.0, "soak_send_every": 0.5, "soak_gc_interval": 30.0,
-             "cluster_pairs": 20, "cluster_duration": 6.0, "cluster_warmup": 1.0, "cluster_idle": 500,
+             "cluster_pairs": 20, "cluster_duration": 6.0, "cluster_warmup": 1.0, "cluster_idle": 1000,
              "keys_prekeys": 10_000, "keys_extra_claims": 500,
              "push_pairs": 50, "push_duration": 6.0, "push_warmup": 1.0, "push_repeats": 3,
              "push_devices": 1_000, "push_burst_messages": 10,
