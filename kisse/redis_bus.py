@@ -254,15 +254,6 @@ class RedisBus(Bus):
         if refused:
             log.warning("redis bus: %d directory writes refused (%s)", len(refused), refused[0])
 
-    async def _announce(self, user_ids: Iterable[str]) -> None:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            users = list(user_ids)
-            for user_id in users:
-                pipe.sadd(_user_key(user_id), self.node)
-            if users:
-                pipe.sadd(_node_users(self.node), *users)
-            await pipe.execute()
-
     async def _lookup(self, user_ids: list[str]) -> dict[str, set[str]]:
         """`_nodes_of`, the reads of many callers sharing one pipeline at a time: a burst
         of connections (each asking where its user is present) costs a few round trips
@@ -472,11 +463,8 @@ class RedisBus(Bus):
         self._alive = {n for n, a in zip(nodes, alive) if a}
         self._dead = set(nodes) - self._alive - {self.node}
         if self._reannounce:  # Redis was away (or restarted, empty): tell it again who is here
-            await self._announce(self._present)
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for connection in self.hub.all():
-                    pipe.hset(_user_sessions(connection.user_id), connection.session_id, self.node)
-                await pipe.execute()
+            await self._write(dict.fromkeys(self._present, True),
+                              {(c.user_id, c.session_id): True for c in self.hub.all()})
             self._reannounce = False
         if self._users_due or self._sessions_due:
             self._write_soon()  # writes Redis failed (a user who left, a device gone)
